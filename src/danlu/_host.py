@@ -1,0 +1,140 @@
+"""The step that every danlu optimizer and every derived optimizer runs.
+
+:class:`DerivationHost` is a mixin over ``torch.optim.Optimizer``. It owns the
+order of the derivation hooks (see :mod:`danlu.derivations._base`) and leaves one
+method to its subclasses, ``_base_step(lr_scales)``: apply one step of the
+underlying algorithm with each group's learning rate multiplied by its scale,
+handing every proposed update to :meth:`DerivationHost._apply_transforms` before
+it is written. danlu's own optimizers do that on the update they compute (no
+parameter copy); a foreign optimizer is run on a snapshot of only the parameters
+that some transform selects (:class:`danlu.derive.ForeignHost`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import required
+
+from danlu._params import normalize_group
+from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
+
+__all__ = ["DerivationHost"]
+
+
+class DerivationHost(torch.optim.Optimizer):
+    """Mixin: the derivation-aware ``step`` shared by danlu's and derived foreign optimizers."""
+
+    _danlu_derivations: ClassVar[tuple[Derivation, ...]] = ()
+    _danlu_overrides: dict[str, Any]
+
+    # ---------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = normalize_group(param_group, "param_group")
+        for key, default in self.defaults.items():
+            if default is not required:
+                group.setdefault(key, copy.deepcopy(default))
+        if self._danlu_derivations:
+            self._fill_derivation_options(group)
+        self._validate_group(group)
+        super().add_param_group(group)
+
+    def _fill_derivation_options(self, group: dict[str, Any]) -> None:
+        overrides = getattr(self, "_danlu_overrides", {})
+        for derivation in self._danlu_derivations:
+            for key, default in derivation.defaults.items():
+                if key not in group:
+                    group[key] = copy.deepcopy(overrides.get(key, default))
+            group.update(derivation.validate(group))
+        existing = getattr(self, "param_groups", None)
+        template = existing[0] if existing else {}
+        group.setdefault(APPLIED_STEPS, template.get(APPLIED_STEPS, 0))
+        group.setdefault(CALLS, template.get(CALLS, 0))
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check the algorithm's hyperparameters of one group (danlu's optimizers override this)."""
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step (or, under gradient accumulation, buffer one gradient)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()
+        derivations = self._danlu_derivations
+        if not derivations:
+            self._base_step([1.0] * len(self.param_groups))
+            return loss
+        applies = all([d.accumulate(self) for d in derivations])
+        for group in self.param_groups:
+            group[CALLS] += 1
+        if not applies:
+            return loss
+        try:
+            scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
+            for derivation in derivations:
+                for group in self.param_groups:
+                    derivation.prepare(self, group, group["params"])
+            self._base_step(scales)
+            for group in self.param_groups:
+                group[APPLIED_STEPS] += 1
+            for derivation in derivations:
+                for group in self.param_groups:
+                    derivation.after_step(self, group, group["params"])
+        finally:
+            for derivation in derivations:
+                derivation.finish(self)
+        return loss
+
+    def _check_gradients(self) -> None:
+        """Reject gradients the algorithm cannot take, before anything changes."""
+
+    def _base_step(self, lr_scales: Sequence[float]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ transforms
+    def _has_transforms(self) -> bool:
+        return any(d.has_transform for d in self._danlu_derivations)
+
+    def _selected_by_any(self, group: dict[str, Any], name: str | None) -> bool:
+        return any(d.has_transform and d.selects(group, name) for d in self._danlu_derivations)
+
+    def _apply_transforms(
+        self,
+        group: dict[str, Any],
+        olds: list[Tensor],
+        updates: list[Tensor],
+        grads: list[Tensor],
+        names: list[str | None],
+        lrs: list[float],
+    ) -> None:
+        """Run every transform derivation, innermost first, over the tensors it selects."""
+        for derivation in self._danlu_derivations:
+            if not derivation.has_transform:
+                continue
+            chosen = [i for i, name in enumerate(names) if derivation.selects(group, name)]
+            if not chosen:
+                continue
+            if len(chosen) == len(names):
+                derivation.transform(self, group, olds, updates, grads, lrs)
+            else:
+                derivation.transform(
+                    self,
+                    group,
+                    [olds[i] for i in chosen],
+                    [updates[i] for i in chosen],
+                    [grads[i] for i in chosen],
+                    [lrs[i] for i in chosen],
+                )
+
+    @staticmethod
+    def _names(group: dict[str, Any]) -> list[str | None]:
+        names = group.get("param_names")
+        return list(names) if names is not None else [None] * len(group["params"])

@@ -1,0 +1,199 @@
+"""The skeleton of danlu's own optimizers.
+
+A danlu optimizer describes its algorithm with four methods and inherits the
+rest:
+
+* ``_check_hyperparameters(options)``: validate one param group (or the
+  constructor's defaults);
+* ``_init_state(p, state, group)``: create the state of a parameter;
+* ``_update_single(group, p, grad, state, lr, step)``: the update
+  ``u = p_new - p_old`` of one tensor, written as plainly as the math. This is
+  the oracle that the fast path is tested against;
+* ``_update_foreach(group, params, grads, states, lrs, steps)``: the same
+  updates for a list of tensors with ``torch._foreach_*`` kernels.
+
+:meth:`DanluOptimizer._base_step` computes the updates chunk by chunk (so a
+step never holds more than about one tensor's worth of temporaries), passes
+them through the derivations' transforms and adds them to the parameters.
+Nothing is copied that need not be.
+
+State dtype policy: state tensors have the dtype and device of their parameter
+(as in ``torch.optim``); step counters are float32 CPU scalars. Adafactor
+computes in float32 for 16-bit parameters and keeps its factored statistics in
+float32 (they are O(rows + cols)).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from danlu._host import DerivationHost
+from danlu._params import normalize_params
+from danlu._validate import check_bool, check_number
+
+__all__ = ["DanluOptimizer", "ParamsT"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+CHUNK_MIN_NUMEL = 1 << 20
+"""Updates are computed over chunks of at most max(largest tensor, this many) elements."""
+
+
+class DanluOptimizer(DerivationHost):
+    """Base class of danlu's optimizers (see the module docstring for the contract)."""
+
+    supports_sparse: ClassVar[bool] = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, foreach: bool | None = None) -> None:
+        if foreach is not None:
+            check_bool("foreach", foreach)
+        self._check_hyperparameters(defaults)
+        super().__init__(normalize_params(params), {**defaults, "foreach": foreach})
+
+    # ------------------------------------------------------------ algorithm
+    def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
+        check_number("lr", options["lr"], low=0.0)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self._check_hyperparameters(group)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
+        """Create the algorithm's state for ``p`` (``state["step"]`` is created by the skeleton)."""
+
+    def _update_single(
+        self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _update_foreach(
+        self,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+        steps: list[float],
+    ) -> list[Tensor]:
+        return [self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(params, grads, states, lrs, steps)]
+
+    def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
+        """The learning rate of this step before any derivation's multiplier."""
+        return float(group["lr"])
+
+    def _param_name(self, group: Mapping[str, Any], p: Tensor) -> str | None:
+        """The name of ``p`` in ``group`` (None for an optimizer built without names)."""
+        names = group.get("param_names")
+        if names is None:
+            return None
+        cache: dict[int, str] = self.__dict__.setdefault("_danlu_name_cache", {})
+        if id(p) not in cache:
+            cache.update({id(q): n for q, n in zip(group["params"], names)})
+        return cache.get(id(p))
+
+    # ---------------------------------------------------------------- checks
+    def _check_gradients(self) -> None:
+        if self.supports_sparse:
+            return
+        for group in self.param_groups:
+            for name, p in zip(self._names(group), group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    label = f" (parameter {name!r})" if name else ""
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients{label}; "
+                        "use LazyAdam, or an embedding with sparse=False"
+                    )
+
+    # ------------------------------------------------------------------ step
+    def _base_step(self, lr_scales: Sequence[float]) -> None:
+        for group, scale in zip(self.param_groups, lr_scales):
+            self._group_step(group, scale)
+
+    def _group_step(self, group: dict[str, Any], scale: float) -> None:
+        names_all = self._names(group)
+        params, grads, states, names = [], [], [], []
+        for p, name in zip(group["params"], names_all):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                self._init_state(p, state, group)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+            names.append(name)
+        if not params:
+            return
+        steps_t = [s["step"] for s in states]
+        torch._foreach_add_(steps_t, 1.0)
+        steps = [float(t.item()) for t in steps_t]
+        lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
+        use_foreach = group.get("foreach") is not False
+        for chunk in _chunks(params, grads, use_foreach):
+            self._chunk_step(group, chunk, params, grads, states, names, lrs, steps)
+
+    def _chunk_step(
+        self,
+        group: dict[str, Any],
+        chunk: list[int],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        names: list[str | None],
+        lrs: list[float],
+        steps: list[float],
+    ) -> None:
+        c_params = [params[i] for i in chunk]
+        c_grads = [grads[i] for i in chunk]
+        c_states = [states[i] for i in chunk]
+        c_lrs = [lrs[i] for i in chunk]
+        c_steps = [steps[i] for i in chunk]
+        if len(chunk) == 1 or group.get("foreach") is False:
+            updates = [
+                self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(c_params, c_grads, c_states, c_lrs, c_steps)
+            ]
+        else:
+            updates = self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps)
+        if self._danlu_derivations:
+            self._apply_transforms(group, c_params, updates, c_grads, [names[i] for i in chunk], c_lrs)
+        _add_updates(c_params, updates)
+
+
+def _add_updates(params: list[Tensor], updates: list[Tensor]) -> None:
+    if all(u.dtype == p.dtype for p, u in zip(params, updates)):
+        torch._foreach_add_(params, updates)
+        return
+    for p, u in zip(params, updates):
+        p.add_(u.to(p.dtype))
+
+
+def _chunks(params: list[Tensor], grads: list[Tensor], use_foreach: bool) -> list[list[int]]:
+    """Index lists of tensors that one foreach call handles: same device and dtype, dense, bounded size."""
+    if not use_foreach:
+        return [[i] for i in range(len(params))]
+    buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    chunks: list[list[int]] = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse:
+            chunks.append([i])
+        else:
+            buckets[(p.device, p.dtype, g.dtype)].append(i)
+    for indices in buckets.values():
+        budget = max(CHUNK_MIN_NUMEL, max(params[i].numel() for i in indices))
+        current: list[int] = []
+        size = 0
+        for i in indices:
+            n = params[i].numel()
+            if current and size + n > budget:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += n
+        if current:
+            chunks.append(current)
+    return chunks

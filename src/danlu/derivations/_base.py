@@ -1,0 +1,105 @@
+"""The seam between an optimizer and its derivations.
+
+A derivation is a small set of hooks that the step of a derived optimizer calls
+in a fixed order (see :mod:`danlu._host`):
+
+1. ``accumulate``: may withhold the step (gradient accumulation);
+2. ``lr_multiplier``: scales the group's learning rate for this step;
+3. ``prepare``: creates state that must see the parameters before the update;
+4. ``transform``: rewrites the proposed update ``u = p_new - p_old`` of the
+   tensors it ``selects`` (weight decay, layer adaptation, lazy rows,
+   per-parameter lr), innermost derivation first;
+5. ``after_step``: acts on the new parameters (Lookahead, EMA).
+
+Derivations keep their hyperparameters in the param groups (under bert4keras'
+names) and their tensors in ``optimizer.state[p]`` under namespaced keys, so
+``state_dict()`` carries everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from danlu._host import DerivationHost
+
+__all__ = ["Derivation", "matches_any", "APPLIED_STEPS", "CALLS"]
+
+APPLIED_STEPS = "applied_steps"
+"""Param-group key: the number of steps applied so far (buffering calls excluded)."""
+CALLS = "calls"
+"""Param-group key: the number of ``step()`` calls so far (buffering calls included)."""
+
+
+@functools.lru_cache(maxsize=65536)
+def matches_any(patterns: tuple[str, ...], name: str) -> bool:
+    """True if any regular expression in ``patterns`` is found (``re.search``) in ``name``."""
+    return any(re.search(p, name) for p in patterns)
+
+
+class Derivation:
+    """Base class of the derivations: every hook is optional and does nothing by default."""
+
+    name: ClassVar[str] = ""
+    """Short name used in ``create_optimizer`` specs and in state-dict signatures."""
+    title: ClassVar[str] = ""
+    """CamelCase name used for the derived class (``AdamWithLookahead``)."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """Keyword arguments and their defaults (bert4keras names)."""
+    name_options: ClassVar[tuple[str, ...]] = ()
+    """Options that match parameter names: they need an optimizer built from named parameters."""
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    """Namespaced keys of the parameter-shaped tensors this derivation keeps in ``state[p]``."""
+    has_transform: ClassVar[bool] = False
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the options (a param group or the constructor's keywords); return them normalized."""
+        return {k: options[k] for k in self.defaults if k in options}
+
+    def patterns(self, group: Mapping[str, Any]) -> dict[str, Sequence[str]]:
+        """The name patterns this group uses, by option name (for the 'needs names' and 'matches nothing' checks)."""
+        return {}
+
+    def accumulate(self, host: DerivationHost) -> bool:
+        """Called on every ``step()``; return False to withhold the step (the call only buffers)."""
+        return True
+
+    def lr_multiplier(self, group: Mapping[str, Any]) -> float:
+        return 1.0
+
+    def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Before the base update, for the parameters that have a gradient."""
+
+    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
+        """Whether ``transform`` acts on the parameter called ``name`` in ``group``."""
+        return self.has_transform
+
+    def transform(
+        self,
+        host: DerivationHost,
+        group: Mapping[str, Any],
+        olds: list[Tensor],
+        updates: list[Tensor],
+        grads: list[Tensor],
+        lrs: list[float],
+    ) -> None:
+        """Rewrite ``updates`` in place; ``olds`` are the parameters before the step."""
+
+    def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        """After the update is written and ``group[APPLIED_STEPS]`` counts it."""
+
+    def finish(self, host: DerivationHost) -> None:
+        """After a step that ``accumulate`` let through, whether it succeeded or raised."""
+
+    @staticmethod
+    def zeros_state(host: DerivationHost, p: Tensor, key: str) -> Tensor:
+        state = host.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[key]

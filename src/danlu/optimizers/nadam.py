@@ -1,0 +1,118 @@
+"""NAdam (Dozat), the torch.optim.NAdam formula."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu._validate import check_betas, check_number
+from danlu.base import DanluOptimizer, ParamsT
+
+__all__ = ["NAdam"]
+
+
+class NAdam(DanluOptimizer):
+    r"""Nesterov-accelerated Adam (Dozat, 2016), the ``torch.optim.NAdam`` formula.
+
+    With the momentum schedule :math:`\mu_t = \beta_1 (1 - \tfrac12 \cdot 0.96^{t\psi})`
+    (:math:`\psi` = ``momentum_decay``) and :math:`\Pi_t = \prod_{i \le t} \mu_i`:
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+        \qquad d_t = \sqrt{v_t / (1-\beta_2^t)} + \epsilon
+
+        \theta_t = \theta_{t-1} - \eta \frac{1-\mu_t}{1-\Pi_t} \frac{g_t}{d_t}
+                   - \eta \frac{\mu_{t+1}}{1-\Pi_t \mu_{t+1}} \frac{m_t}{d_t}
+
+    Args:
+        params: tensors, parameter groups or ``(name, tensor)`` pairs.
+        lr: learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon \ge 0`.
+        momentum_decay: :math:`\psi \ge 0`.
+        foreach: ``False`` runs the per-tensor reference loop.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = danlu.NAdam([w], lr=0.1)
+        >>> w.grad = torch.tensor([1.0]); _ = opt.step()
+        >>> round(w.item(), 4)
+        0.9
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum_decay: float = 4e-3,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, momentum_decay=momentum_decay)
+        super().__init__(params, defaults, foreach=foreach)
+
+    def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
+        super()._check_hyperparameters(options)
+        check_betas("betas", options["betas"])
+        check_number("eps", options["eps"], low=0.0)
+        check_number("momentum_decay", options["momentum_decay"], low=0.0)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
+        state["mu_product"] = torch.ones((), dtype=torch.float64)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _coefficients(self, group: Mapping[str, Any], state: dict[str, Any], lr: float, step: float) -> tuple[float, float, float]:
+        """Advance mu_product; return (grad coefficient, momentum coefficient, sqrt(1 - beta2^t))."""
+        beta1, beta2 = group["betas"]
+        psi = group["momentum_decay"]
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        state["mu_product"].mul_(mu)
+        mu_product = float(state["mu_product"])
+        grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+        momentum_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
+        return grad_coef, momentum_coef, (1 - beta2**step) ** 0.5
+
+    def _update_single(
+        self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
+    ) -> Tensor:
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        grad_coef, momentum_coef, sqrt_correction2 = self._coefficients(group, state, lr, step)
+        denom = exp_avg_sq.sqrt().div_(sqrt_correction2).add_(group["eps"])
+        update = grad.div(denom).mul_(grad_coef)
+        return update.addcdiv_(exp_avg, denom, value=momentum_coef)
+
+    def _update_foreach(
+        self,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+        steps: list[float],
+    ) -> list[Tensor]:
+        beta1, beta2 = group["betas"]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        coefficients = [self._coefficients(group, s, lr, t) for s, lr, t in zip(states, lrs, steps)]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [c[2] for c in coefficients])
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(grads, denom)
+        torch._foreach_mul_(updates, [c[0] for c in coefficients])
+        torch._foreach_addcdiv_(updates, exp_avgs, denom, [c[1] for c in coefficients])
+        return updates

@@ -1,0 +1,121 @@
+"""RAdam (Liu et al.), the torch.optim.RAdam formula."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu._validate import check_betas, check_number
+from danlu.base import DanluOptimizer, ParamsT
+
+__all__ = ["RAdam"]
+
+
+class RAdam(DanluOptimizer):
+    r"""Rectified Adam (Liu et al., 2020), the ``torch.optim.RAdam`` formula.
+
+    With :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1-\beta_2^t)`:
+
+    .. math::
+
+        \hat m_t = \frac{m_t}{1-\beta_1^t}, \qquad
+        \theta_t = \theta_{t-1} - \eta\, \hat m_t\, r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon}
+        \ \text{ if } \rho_t > 5, \ \text{ else } \ \theta_{t-1} - \eta\, \hat m_t,
+
+        r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+
+    (``epsilon`` is added to :math:`\sqrt{v_t}` before the bias correction, as in torch.)
+
+    Args:
+        params: tensors, parameter groups or ``(name, tensor)`` pairs.
+        lr: learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon \ge 0`.
+        foreach: ``False`` runs the per-tensor reference loop.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = danlu.RAdam([w], lr=0.1)
+        >>> w.grad = torch.tensor([3.0]); _ = opt.step()   # rho_1 < 5: an SGD-with-momentum step
+        >>> round(w.item(), 4)
+        0.7
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps), foreach=foreach)
+
+    def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
+        super()._check_hyperparameters(options)
+        check_betas("betas", options["betas"])
+        check_number("eps", options["eps"], low=0.0)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _rectification(group: Mapping[str, Any], step: float) -> float | None:
+        """sqrt(1 - beta2^t) * r_t when the variance is tractable (rho_t > 5), else None."""
+        beta2 = group["betas"][1]
+        correction2 = 1 - beta2**step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / correction2
+        if rho_t <= 5.0:
+            return None
+        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        return rect * math.sqrt(correction2)
+
+    def _update_single(
+        self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
+    ) -> Tensor:
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        scale = -lr / (1 - beta1**step)
+        adaptive = self._rectification(group, step)
+        if adaptive is None:
+            return exp_avg.mul(scale)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        return exp_avg.div(denom).mul_(scale * adaptive)
+
+    def _update_foreach(
+        self,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+        steps: list[float],
+    ) -> list[Tensor]:
+        beta1, beta2 = group["betas"]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        scales = [-lr / (1 - beta1**t) for lr, t in zip(lrs, steps)]
+        adaptives = [self._rectification(group, t) for t in steps]
+        rectified = [i for i, a in enumerate(adaptives) if a is not None]
+        updates = torch._foreach_mul(exp_avgs, scales)
+        if rectified:
+            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in rectified])
+            torch._foreach_add_(denom, group["eps"])
+            chosen = [updates[i] for i in rectified]
+            torch._foreach_div_(chosen, denom)
+            torch._foreach_mul_(chosen, [adaptives[i] for i in rectified])  # type: ignore[misc]
+        return updates
