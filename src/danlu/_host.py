@@ -72,26 +72,30 @@ class DerivationHost(torch.optim.Optimizer):
         if not derivations:
             self._base_step([1.0] * len(self.param_groups))
             return loss
-        applies = all([d.accumulate(self) for d in derivations])
-        for group in self.param_groups:
-            group[CALLS] += 1
-        if not applies:
+        if not all([d.accumulate(self) for d in derivations]):
+            self._count(CALLS)
             return loss
+        failed = True
         try:
             scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
             for derivation in derivations:
                 for group in self.param_groups:
                     derivation.prepare(self, group, group["params"])
             self._base_step(scales)
-            for group in self.param_groups:
-                group[APPLIED_STEPS] += 1
+            self._count(CALLS)
+            self._count(APPLIED_STEPS)
             for derivation in derivations:
                 for group in self.param_groups:
                     derivation.after_step(self, group, group["params"])
+            failed = False
         finally:
             for derivation in derivations:
-                derivation.finish(self)
+                derivation.finish(self, failed)
         return loss
+
+    def _count(self, key: str) -> None:
+        for group in self.param_groups:
+            group[key] += 1
 
     def _check_gradients(self) -> None:
         """Reject gradients the algorithm cannot take, before anything changes."""
@@ -123,7 +127,7 @@ class DerivationHost(torch.optim.Optimizer):
             if not chosen:
                 continue
             if len(chosen) == len(names):
-                derivation.transform(self, group, olds, updates, grads, lrs)
+                derivation.transform(self, group, olds, updates, grads, names, lrs)
             else:
                 derivation.transform(
                     self,
@@ -131,6 +135,7 @@ class DerivationHost(torch.optim.Optimizer):
                     [olds[i] for i in chosen],
                     [updates[i] for i in chosen],
                     [grads[i] for i in chosen],
+                    [names[i] for i in chosen],
                     [lrs[i] for i in chosen],
                 )
 
