@@ -11,6 +11,7 @@ from danlu.derive import (
     extend_with_piecewise_linear_lr,
     extend_with_weight_decay,
 )
+from danlu.factory import create_optimizer
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
@@ -39,4 +40,5 @@ __all__ = [
     "extend_with_lazy_optimization",
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
+    "create_optimizer",
 ]

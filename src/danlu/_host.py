@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from danlu._params import normalize_group
+from danlu._state import check_state_dict, keep_state_dtypes
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
 
 __all__ = ["DerivationHost"]
@@ -58,6 +59,18 @@ class DerivationHost(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the algorithm's hyperparameters of one group (danlu's optimizers override this)."""
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking that it fits (a ``ValueError`` says what does not; nothing changes).
+
+        Unlike ``torch.optim``, the dtypes of the saved state are kept (torch casts floating-point
+        state to the parameter dtype), so float32 state of bf16 parameters stays float32.
+        """
+        check_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
+        keep_state_dtypes(self, state_dict)
+        self.__dict__.pop("_danlu_name_cache", None)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -60,7 +60,7 @@ class ForeignHost(DerivationHost):
             if self._has_transforms():
                 snapshots = [self._snapshot(group) for group in groups]
             effective_lrs = [_as_float(group["lr"]) for group in groups]
-            super(DerivationHost, self).step()
+            self._step_foreign_base()
         except BaseException:
             for group, (indices, olds) in zip(groups, snapshots):
                 torch._foreach_copy_([group["params"][i] for i in indices], olds)
@@ -70,6 +70,25 @@ class ForeignHost(DerivationHost):
                 group["lr"] = lr
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
             self._transform_snapshot(group, snapshot, lr)
+
+    def _step_foreign_base(self) -> None:
+        """Run Base.step() with the derivations' state entries out of its sight.
+
+        Many optimizers initialize a parameter's state when ``len(state) == 0``; the derivations'
+        namespaced entries are set aside for the call and put back after it.
+        """
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        if keys:
+            for state in self.state.values():
+                entries = {k: state.pop(k) for k in keys if k in state}
+                if entries:
+                    hidden.append((state, entries))
+        try:
+            super(DerivationHost, self).step()
+        finally:
+            for state, entries in hidden:
+                state.update(entries)
 
     def _snapshot(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         names = self._names(group)
