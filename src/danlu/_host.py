@@ -97,14 +97,25 @@ class DerivationHost(torch.optim.Optimizer):
             self._base_step(scales)
             self._count(CALLS)
             self._count(APPLIED_STEPS)
-            for derivation in derivations:
+            for index, derivation in enumerate(derivations):
                 for group in self.param_groups:
-                    derivation.after_step(self, group, group["params"])
+                    derivation.after_step(self, group, self._after_step_params(index, group))
             failed = False
         finally:
             for derivation in derivations:
                 derivation.finish(self, failed)
         return loss
+
+    def _after_step_params(self, index: int, group: dict[str, Any]) -> list[Tensor]:
+        """The parameters of ``group`` whose ``after_step`` of derivation ``index`` is still to run.
+
+        danlu's fast path runs Lookahead and EMA inside its update pass and leaves only the rest here.
+        """
+        return group["params"]
+
+    def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+        """Whether the base step averages ``p``'s accumulated gradient itself (in its fused pass)."""
+        return False
 
     def _count(self, key: str) -> None:
         for group in self.param_groups:

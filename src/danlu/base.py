@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from danlu import _fused
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
 from danlu._validate import check_bool, check_number
@@ -110,8 +111,21 @@ class DanluOptimizer(DerivationHost):
 
     # ------------------------------------------------------------------ step
     def _base_step(self, lr_scales: Sequence[float]) -> None:
-        for group, scale in zip(self.param_groups, lr_scales):
-            self._group_step(group, scale)
+        self.__dict__[_fused.FUSED_AFTER] = {}
+        try:
+            for group, scale in zip(self.param_groups, lr_scales):
+                self._group_step(group, scale)
+        finally:
+            self.__dict__.pop(_fused.PENDING_MEAN, None)
+
+    def _after_step_params(self, index: int, group: dict[str, Any]) -> list[Tensor]:
+        done = self.__dict__.get(_fused.FUSED_AFTER, {}).pop((index, id(group)), None)
+        if not done:
+            return group["params"]
+        return [p for p in group["params"] if id(p) not in done]
+
+    def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+        return _fused.defer_mean(self, group, p, buffer, steps)
 
     def _group_step(self, group: dict[str, Any], scale: float) -> None:
         names_all = self._names(group)
@@ -131,8 +145,16 @@ class DanluOptimizer(DerivationHost):
             return
         steps_t = [s["step"] for s in states]
         torch._foreach_add_(steps_t, 1.0)
-        steps = [float(t.item()) for t in steps_t]
+        steps = torch.stack(steps_t).tolist() if len(steps_t) > 1 else [float(steps_t[0].item())]
         lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
+        rest = _fused.group_step(self, group, params, grads, states, names, lrs, steps)
+        if not rest:
+            return
+        if len(rest) < len(params):
+            params, grads, states, names, lrs, steps = (
+                [xs[i] for i in rest] for xs in (params, grads, states, names, lrs, steps)
+            )
+        _fused.settle_pending_means(self, params)
         use_foreach = group.get("foreach") is not False
         for chunk in _chunks(params, grads, use_foreach):
             self._chunk_step(group, chunk, params, grads, states, names, lrs, steps)
@@ -158,7 +180,7 @@ class DanluOptimizer(DerivationHost):
                 self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(c_params, c_grads, c_states, c_lrs, c_steps)
             ]
         else:
-            updates = self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps)
+            updates = list(self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps))
         if self._danlu_derivations:
             self._apply_transforms(group, c_params, updates, c_grads, [names[i] for i in chunk], c_lrs)
         _add_updates(c_params, updates)

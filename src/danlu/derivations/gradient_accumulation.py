@@ -68,6 +68,8 @@ class GradientAccumulation(Derivation):
                 buffer = host.state[p].get(BUFFER)
                 if buffer is None and p.grad is None:
                     continue
+                if buffer is not None and host._defer_mean(group, p, buffer, steps):
+                    continue  # averaged (and the buffer cleared) inside the base optimizer's fused pass
                 restore.append((p, p.grad))
                 p.grad = _mean_gradient(p, buffer, steps)
         host.__dict__[_RESTORE] = restore

@@ -1,0 +1,462 @@
+"""danlu's fast path: one native pass per step for every base optimizer and the derivations fused into it.
+
+:meth:`danlu.base.DanluOptimizer._group_step` hands each param group to :func:`group_step`, which runs
+the tensors it can take through the native kernels (``danlu/_kernels.cpp``) and returns the others to
+the pure-PyTorch path. A tensor is taken when
+
+* the native library loads (:mod:`danlu._native`), the group's ``foreach`` is ``None`` (the default;
+  ``True`` asks for the ``torch._foreach_*`` path, ``False`` for the per-tensor reference loop);
+* the optimizer's per-tensor reference (``_update_single``) is the one the kernel implements (a
+  subclass that overrides it, such as ``LazyAdam``, keeps the generic path);
+* the parameter, its gradient and its state are dense, contiguous, on the CPU, float32 or float64, of
+  one dtype; Adafactor also needs a factored tensor to be 2-D;
+* every derivation of the stack is one the kernel knows, and lazy optimization does not select it.
+
+The derivations are fused as follows (see the header of ``_kernels.cpp``):
+
+* weight decay, parameter-wise lr and the trust ratio of layer adaptation fold, in the stack's order,
+  into two coefficients ``d = A u + B p`` of the algorithm's update ``u``; layer adaptation takes two
+  passes (norms first, then the write), the only derivation that needs a second look at the data;
+* Lookahead's sync and the EMA update run in the same pass, after the new parameter is computed, and
+  the host skips their ``after_step`` for the tensors done here;
+* gradient accumulation's applying call averages the buffered gradient inside the pass (the host's
+  ``accumulate`` defers the mean to the kernel, see :func:`defer_mean`).
+
+Nothing parameter-sized is allocated: the kernels work in L1-sized blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from danlu import _native
+from danlu.derivations import (
+    ExponentialMovingAverage,
+    GradientAccumulation,
+    LayerAdaptation,
+    LazyOptimization,
+    Lookahead,
+    ParameterWiseLR,
+    PiecewiseLinearLR,
+    WeightDecay,
+)
+from danlu.derivations._base import APPLIED_STEPS
+from danlu.derivations.layer_adaptation import MIN_LR
+
+if TYPE_CHECKING:
+    from danlu.base import DanluOptimizer
+
+__all__ = ["group_step", "defer_mean", "native_kind", "FUSED_AFTER", "PENDING_MEAN"]
+
+FUSED_AFTER = "_danlu_fused_after"
+"""Instance attribute: {(derivation index, id(group)): ids of the parameters whose after_step is done}."""
+PENDING_MEAN = "_danlu_pending_mean"
+"""Instance attribute: {id(p): (accumulation buffer, steps)} for means deferred to the kernel."""
+
+M_ACCUM, M_SYNC, M_EMA, M_EMA_FIRST = 1, 2, 4, 8
+PH_FULL, PH_NORM, PH_APPLY = 0, 1, 2
+NSLOT, NCOEF = 8, 16
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+_KNOWN = (WeightDecay, LayerAdaptation, PiecewiseLinearLR, GradientAccumulation, Lookahead, LazyOptimization,
+          ExponentialMovingAverage, ParameterWiseLR)
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one of danlu's algorithms maps onto the kernels."""
+
+    alg: int  # -1: Adafactor
+    slots: Callable[[dict[str, Any]], tuple[str | None, str | None, str | None]]
+    coefficients: Callable[[Any, dict[str, Any], dict[str, Any], float, float], list[float]]
+    accumulate: bool = True  # can average an accumulated gradient in its pass
+
+
+def _sgd_coefficients(opt: Any, group: dict[str, Any], state: dict[str, Any], lr: float, step: float) -> list[float]:
+    momentum = group["momentum"]
+    return [float(momentum != 0), momentum, 1 - group["dampening"], float(group["nesterov"]), float(step == 1), -lr]
+
+
+def _adam_coefficients(opt: Any, group: dict[str, Any], state: dict[str, Any], lr: float, step: float) -> list[float]:
+    beta1, beta2 = group["betas"]
+    correction1, sqrt_correction2 = opt._corrections(group, step)
+    return [1 - beta1, beta2, 1 - beta2, sqrt_correction2, group["eps"], -lr / correction1]
+
+
+def _nadam_coefficients(opt: Any, group: dict[str, Any], state: dict[str, Any], lr: float, step: float) -> list[float]:
+    beta1, beta2 = group["betas"]
+    grad_coef, momentum_coef, sqrt_correction2 = opt._coefficients(group, state, lr, step)
+    return [1 - beta1, beta2, 1 - beta2, sqrt_correction2, group["eps"], grad_coef, momentum_coef]
+
+
+def _radam_coefficients(opt: Any, group: dict[str, Any], state: dict[str, Any], lr: float, step: float) -> list[float]:
+    beta1, beta2 = group["betas"]
+    scale = -lr / (1 - beta1**step)
+    adaptive = opt._rectification(group, step)
+    rectified = adaptive is not None
+    return [1 - beta1, beta2, 1 - beta2, float(rectified), group["eps"], scale, scale * adaptive if rectified else 0.0]
+
+
+def _rmsprop_slots(group: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    return (
+        "square_avg",
+        "momentum_buffer" if group["momentum"] > 0 else None,
+        "grad_avg" if group["centered"] else None,
+    )
+
+
+def _build_specs() -> dict[type, Spec]:
+    from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Lion, NAdam, RAdam, RMSprop
+
+    return {
+        SGD: Spec(0, lambda g: ("momentum_buffer" if g["momentum"] != 0 else None, None, None), _sgd_coefficients),
+        Adagrad: Spec(1, lambda g: ("sum", None, None), lambda o, g, s, lr, t: [-lr, g["eps"]]),
+        Adadelta: Spec(
+            2, lambda g: ("square_avg", "acc_delta", None), lambda o, g, s, lr, t: [g["rho"], 1 - g["rho"], g["eps"], -lr]
+        ),
+        RMSprop: Spec(
+            3,
+            _rmsprop_slots,
+            lambda o, g, s, lr, t: [g["alpha"], 1 - g["alpha"], g["eps"], -lr, float(g["centered"]), float(g["momentum"] > 0), g["momentum"]],
+        ),
+        Adam: Spec(4, lambda g: ("exp_avg", "exp_avg_sq", None), _adam_coefficients),
+        NAdam: Spec(5, lambda g: ("exp_avg", "exp_avg_sq", None), _nadam_coefficients),
+        RAdam: Spec(6, lambda g: ("exp_avg", "exp_avg_sq", None), _radam_coefficients),
+        Lion: Spec(7, lambda g: ("exp_avg", None, None), lambda o, g, s, lr, t: [1 - g["betas"][0], 1 - g["betas"][1], -lr]),
+        Adafactor: Spec(-1, lambda g: (None, None, None), lambda o, g, s, lr, t: [], accumulate=False),
+    }
+
+
+SPECS: dict[type, Spec] = {}
+
+
+def spec_for(opt: Any) -> Spec | None:
+    """The kernel spec of ``opt``'s algorithm, or None if its reference update is not one the kernels implement."""
+    cls = type(opt)
+    cached = cls.__dict__.get("_danlu_spec_cache")
+    if cached is not None:
+        return cached[0]
+    if not SPECS:
+        SPECS.update(_build_specs())
+    found = None
+    for base, spec in SPECS.items():
+        if issubclass(cls, base) and cls._update_single is base._update_single:
+            found = spec
+            break
+    if found is not None and any(type(d) not in _KNOWN for d in getattr(cls, "_danlu_derivations", ())):
+        found = None
+    cls._danlu_spec_cache = (found,)
+    return found
+
+
+def native_kind(opt: Any, group: dict[str, Any]) -> str:
+    """'native' if this group's tensors may take the native kernels, else 'foreach' or 'reference'."""
+    if group.get("foreach") is False:
+        return "reference"
+    if group.get("foreach") is True or spec_for(opt) is None or _native.load() is None:
+        return "foreach"
+    return "native"
+
+
+def _dense_like(t: Tensor | None, p: Tensor) -> bool:
+    return t is not None and t.layout is torch.strided and t.dtype == p.dtype and t.device == p.device and t.is_contiguous()
+
+
+def _param_ok(p: Tensor, grad: Tensor | None) -> bool:
+    return (
+        p.device.type == "cpu"
+        and p.dtype in _DTYPES
+        and p.layout is torch.strided
+        and p.is_contiguous()
+        and _dense_like(grad, p)
+    )
+
+
+def _lazy_selects(opt: Any, group: dict[str, Any], name: str | None) -> bool:
+    return any(isinstance(d, LazyOptimization) and d.selects(group, name) for d in opt._danlu_derivations)
+
+
+def _layer_adapted(opt: Any, group: dict[str, Any], name: str | None) -> bool:
+    return any(isinstance(d, LayerAdaptation) and d.selects(group, name) for d in opt._danlu_derivations)
+
+
+def defer_mean(opt: Any, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+    """Whether the mean of an accumulated gradient can be left to the kernel (then it is recorded)."""
+    spec = spec_for(opt)
+    if spec is None or not spec.accumulate or native_kind(opt, group) != "native":
+        return False
+    if not (_param_ok(p, p.grad) and _dense_like(buffer, p)):
+        return False
+    name = opt._param_name(group, p)
+    if _lazy_selects(opt, group, name) or _layer_adapted(opt, group, name):
+        return False
+    opt.__dict__.setdefault(PENDING_MEAN, {})[id(p)] = (buffer, steps)
+    return True
+
+
+def settle_pending_means(opt: Any, params: Sequence[Tensor]) -> None:
+    """Average, in Python, the deferred means of tensors that end up on another path."""
+    pending = opt.__dict__.get(PENDING_MEAN)
+    if not pending:
+        return
+    for p in params:
+        entry = pending.pop(id(p), None)
+        if entry is not None:
+            buffer, steps = entry
+            p.grad.add_(buffer).div_(steps)
+            buffer.zero_()
+
+
+def _fold(opt: Any, group: dict[str, Any], name: str | None, lr: float) -> tuple[float, float, list[tuple[str, float]]]:
+    """(A, B) of the transforms before layer adaptation, and the ops after it ('wd' adds to B, 'mul' scales both)."""
+    a, b = 1.0, 0.0
+    post: list[tuple[str, float]] | None = None
+    for d in opt._danlu_derivations:
+        if not d.has_transform or not d.selects(group, name):
+            continue
+        if isinstance(d, LayerAdaptation):
+            post = []
+            continue
+        if isinstance(d, WeightDecay):
+            op = ("wd", -lr * group["weight_decay_rate"])
+        elif isinstance(d, ParameterWiseLR):
+            op = ("mul", float(d.multiplier(group, name)))  # type: ignore[arg-type]
+        else:  # pragma: no cover - filtered by the eligibility checks
+            raise AssertionError(type(d))
+        if post is not None:
+            post.append(op)
+        elif op[0] == "wd":
+            b += op[1]
+        else:
+            a, b = a * op[1], b * op[1]
+    return a, b, post if post is not None else []
+
+
+def _apply_post(a: float, b: float, post: list[tuple[str, float]]) -> tuple[float, float]:
+    for kind, value in post:
+        if kind == "wd":
+            b += value
+        else:
+            a, b = a * value, b * value
+    return a, b
+
+
+class _Batch:
+    """ctypes arrays for one kernel call."""
+
+    def __init__(self) -> None:
+        self.numel: list[int] = []
+        self.ptrs: list[int] = []
+        self.coef: list[float] = []
+        self.modes: list[int] = []
+        self.tensors: list[Tensor] = []
+
+    def add(self, sizes: list[int], ptrs: list[int], coef: list[float], mode: int, touched: list[Tensor]) -> None:
+        self.numel.extend(sizes)
+        self.ptrs.extend(ptrs)
+        self.coef.extend(coef)
+        self.modes.append(mode)
+        self.tensors.extend(touched)
+
+    def arrays(self) -> tuple[Any, ...]:
+        n = len(self.modes)
+        return (
+            (ctypes.c_int64 * len(self.numel))(*self.numel),
+            (ctypes.c_void_p * (n * NSLOT))(*self.ptrs),
+            (ctypes.c_double * (n * NCOEF))(*self.coef),
+            (ctypes.c_int * n)(*self.modes),
+            (ctypes.c_double * (2 * n))(),
+        )
+
+
+def _ptr(t: Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def group_step(
+    opt: DanluOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    names: list[str | None],
+    lrs: list[float],
+    steps: list[float],
+) -> list[int]:
+    """Run what the native kernels can take; return the indices left to the generic path."""
+    if native_kind(opt, group) != "native":
+        return list(range(len(params)))
+    lib = _native.load()
+    spec = spec_for(opt)
+    assert lib is not None and spec is not None
+    derivations = opt._danlu_derivations
+    pending = opt.__dict__.get(PENDING_MEAN, {})
+    slot_keys = spec.slots(group)
+
+    # the after-step work fused into the pass, in the stack's order
+    sync = ema = ema_first = False
+    alpha = ema_weight = 0.0
+    after_index: list[int] = []
+    seen_lookahead = False
+    for index, d in enumerate(derivations):
+        if isinstance(d, Lookahead):
+            seen_lookahead = True
+            after_index.append(index)
+            sync = (group[APPLIED_STEPS] + 1) % group["steps_per_slow_update"] == 0
+            alpha = group["slow_step_size"]
+        elif isinstance(d, ExponentialMovingAverage):
+            after_index.append(index)
+            ema, ema_first = True, not seen_lookahead
+            ema_weight = 1.0 - group["ema_momentum"]
+    base_mode = (M_SYNC if sync else 0) | (M_EMA if ema else 0) | (M_EMA_FIRST if ema and ema_first else 0)
+
+    rest: list[int] = []
+    single, norm_pass = _Batch(), _Batch()
+    adapted: list[tuple[int, float, list[tuple[str, float]], float]] = []  # (index, lr, post ops, A/B placeholder)
+    done: list[Tensor] = []
+    coef_cache: dict[tuple[float, float], list[float]] = {}
+    dtype = None
+    for i, (p, grad, state, name) in enumerate(zip(params, grads, states, names)):
+        if dtype is None:
+            dtype = p.dtype
+        if not _param_ok(p, grad) or p.dtype != dtype or _lazy_selects(opt, group, name):
+            rest.append(i)
+            continue
+        if spec.alg < 0:
+            entry = _adafactor_entry(opt, group, p, state, lrs[i], steps[i])
+            if entry is None or _layer_adapted(opt, group, name):
+                rest.append(i)
+                continue
+            slots, coef, sizes, momentum = entry
+        else:
+            s = [state.get(k) if k is not None else None for k in slot_keys]
+            if any(k is not None and not _dense_like(t, p) for k, t in zip(slot_keys, s)):
+                rest.append(i)
+                continue
+            slots = [p, grad, *s]
+            if spec.alg == 5:  # NAdam advances mu_product: once per tensor and step
+                coef = spec.coefficients(opt, group, state, lrs[i], steps[i])
+            else:
+                key = (lrs[i], steps[i])
+                coef = coef_cache.get(key)
+                if coef is None:
+                    coef = coef_cache[key] = spec.coefficients(opt, group, state, lrs[i], steps[i])
+            sizes = [p.numel()]
+            momentum = None
+        mode = base_mode
+        extra: list[Tensor | None] = [momentum, None, None]  # Adafactor's momentum rides in the accumulation slot
+        accum = pending.pop(id(p), None)
+        if accum is not None:
+            mode |= M_ACCUM
+            extra[0] = accum[0]
+        if sync:
+            extra[1] = state["lookahead.slow"]
+        if ema:
+            shadow = state.get("ema.shadow")
+            if shadow is None:
+                shadow = state["ema.shadow"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            extra[2] = shadow
+        a, b, post = _fold(opt, group, name, lrs[i])
+        full = [*coef, *([0.0] * (10 - len(coef))), a, b, float(accum[1]) if accum else 1.0, alpha, ema_weight, 0.0]
+        ptrs = [_ptr(t) for t in slots] + [_ptr(t) for t in extra]
+        touched = [t for t in (*slots, *extra) if t is not None]
+        if _layer_adapted(opt, group, name):
+            norm_pass.add(sizes, ptrs, full, 0, touched)
+            adapted.append((i, lrs[i], post, 0.0))
+        else:
+            single.add(sizes, ptrs, full, mode, touched)
+        done.append(p)
+
+    threads = torch.get_num_threads()
+    dt = _DTYPES.get(dtype, 0) if dtype is not None else 0
+    if single.modes:
+        _call(lib, spec, dt, single, PH_FULL, threads)
+    if norm_pass.modes:
+        _, _, _, _, red = _call(lib, spec, dt, norm_pass, PH_NORM, threads)
+        apply = _Batch()
+        for k, (i, lr, post, _) in enumerate(adapted):
+            ratio = _trust_ratio(red[2 * k], red[2 * k + 1], lr)
+            coef = norm_pass.coef[k * NCOEF : (k + 1) * NCOEF]
+            a, b = _apply_post(coef[10] * ratio, coef[11] * ratio, post)
+            coef = coef[:10] + [a, b] + coef[12:]
+            apply.add([norm_pass.numel[k]], norm_pass.ptrs[k * NSLOT : (k + 1) * NSLOT], coef, base_mode, [])
+        apply.tensors = norm_pass.tensors
+        _call(lib, spec, dt, apply, PH_APPLY, threads)
+    if done and after_index:
+        handled = opt.__dict__.setdefault(FUSED_AFTER, {})
+        ids = {id(p) for p in done}
+        for index in after_index:
+            handled[(index, id(group))] = ids
+    return rest
+
+
+def _trust_ratio(sum_d2: float, sum_p2: float, lr: float) -> float:
+    param_norm = math.sqrt(sum_p2)
+    update_norm = math.sqrt(sum_d2) / max(lr, MIN_LR)
+    return param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+
+
+def _call(lib: Any, spec: Spec, dtype: int, batch: _Batch, phase: int, threads: int) -> tuple[Any, ...]:
+    arrays = batch.arrays()
+    numel, ptrs, coef, modes, red = arrays
+    n = len(batch.modes)
+    if spec.alg < 0:
+        rc = lib.danlu_adafactor(dtype, n, numel, ptrs, coef, modes, threads)
+    else:
+        rc = lib.danlu_elementwise(dtype, spec.alg, n, numel, ptrs, coef, modes, phase, threads, red)
+    if rc != 0:  # pragma: no cover - the Python side only sends what the library knows
+        raise RuntimeError(f"danlu native kernel failed ({rc})")
+    if phase != PH_NORM and _increment_version is not None and batch.tensors:
+        _increment_version(batch.tensors)
+    return arrays
+
+
+def _adafactor_entry(
+    opt: Any, group: dict[str, Any], p: Tensor, state: dict[str, Any], lr: float, step: float
+) -> tuple[list[Tensor | None], list[float], list[int], Tensor | None] | None:
+    from danlu.optimizers.adafactor import factored_axes
+
+    axes = factored_axes(tuple(p.shape), group["min_dim_size_to_factor"])
+    if axes is None:
+        v = state.get("exp_avg_sq")
+        if not _dense_like(v, p):
+            return None
+        a1 = a0 = None
+        shape = [p.numel(), 0]
+        row_is_a1 = 0.0
+    else:
+        if p.dim() != 2:
+            return None
+        largest, _ = axes
+        row, col = state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col")
+        if not (_dense_like(row, p) and _dense_like(col, p)):
+            return None
+        a1, a0 = (row, col) if largest == 1 else (col, row)
+        v = None
+        shape = list(p.shape)
+        row_is_a1 = float(largest == 1)
+    m = state.get("exp_avg") if group["beta1"] > 0 else None
+    if group["beta1"] > 0 and not _dense_like(m, p):
+        return None
+    beta2 = 1.0 - step**-0.8 if group["beta2"] is None else group["beta2"]
+    clip = group["clipping_threshold"]
+    coef = [
+        beta2,
+        1 - beta2,
+        group["eps1"],
+        group["eps2"],
+        float(clip) if clip is not None else 0.0,
+        group["beta1"],
+        1 - group["beta1"],
+        float(opt._parameter_scaled(group, p)),
+        -lr,
+        row_is_a1,
+    ]
+    return [p, p.grad, a1, a0, v], coef, shape, m

@@ -1,0 +1,516 @@
+// danlu native kernels: single-pass optimizer steps over lists of dense, contiguous CPU tensors.
+//
+// Built on first use by danlu/_native.py with the system C++ compiler and loaded with ctypes (no torch
+// headers, so it builds in seconds). Every kernel streams each array once: it reads the parameter, the
+// gradient and the state, computes the algorithm's update u in registers/L1 (blocks of BS elements),
+// applies the derivations folded into it and writes the new parameter and state:
+//
+//   g   <- (g + accum) / k               (gradient accumulation, applying call; accum <- 0)
+//   u    = algorithm(g, state)           (state updated in place)
+//   d    = A * u + B * p                 (weight decay, parameter-wise lr, trust ratio folded into A, B)
+//   p   <- p + d
+//   slow <- lerp(slow, p, alpha); p <- slow   (Lookahead, on its sync steps)
+//   ema  <- lerp(ema, p, 1 - mu)              (EMA; before or after Lookahead, in the stack's order)
+//
+// Layer adaptation needs the norms of d and p before anything is written: phase NORM computes them
+// (and, for algorithms whose u can be recomputed from the new state, writes the state), phase APPLY
+// then writes the parameter with the trust ratio folded into A and B.
+//
+// Arithmetic follows the per-tensor reference (danlu's _update_single) operation by operation, in the
+// parameter's dtype, without FMA contraction (-ffp-contract=off), so results equal the reference to
+// rounding. Only float and double are handled; the Python side falls back for anything else.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t BS = 256;            // block length: every temporary lives in L1
+constexpr int64_t PAR_MIN = 1 << 16;   // tensors at least this long are split across threads
+constexpr int NSLOT = 8;               // p, g, s0, s1, s2, accum, slow, ema
+constexpr int NCOEF = 16;              // 0-9 algorithm, 10 A, 11 B, 12 k, 13 alpha, 14 ema weight
+
+enum { ALG_SGD = 0, ALG_ADAGRAD = 1, ALG_ADADELTA = 2, ALG_RMSPROP = 3, ALG_ADAM = 4, ALG_NADAM = 5, ALG_RADAM = 6, ALG_LION = 7 };
+enum { M_ACCUM = 1, M_SYNC = 2, M_EMA = 4, M_EMA_FIRST = 8 };
+enum { PH_FULL = 0, PH_NORM = 1, PH_APPLY = 2 };
+
+template <typename T>
+inline T lerp(T self, T end, T w) {
+  // ATen's lerp: exact at both ends
+  return std::abs(w) < T(0.5) ? self + w * (end - self) : end - (end - self) * (T(1) - w);
+}
+
+template <typename T>
+inline T sgn(T x) {
+  return T((x > T(0)) - (x < T(0)));
+}
+
+// ------------------------------------------------------------------ algorithms
+// update(): advance the state in place and write the update u; recompute(): u from the new state.
+
+template <typename T>
+struct Sgd {  // c: 0 has momentum, 1 mu, 2 1-dampening, 3 nesterov, 4 first step, 5 -lr
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
+    const T mu = T(c[1]), damp = T(c[2]), nl = T(c[5]);
+    if (c[0] == 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = g[j] * nl;
+      return;
+    }
+    if (c[4] != 0) {
+      for (int64_t j = 0; j < n; ++j) s0[j] = g[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] * mu + damp * g[j];
+    }
+    recompute(c, n, g, s0, nullptr, nullptr, u);
+  }
+  static void recompute(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
+    const T mu = T(c[1]), nl = T(c[5]);
+    if (c[0] == 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = g[j] * nl;
+    } else if (c[3] != 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = (g[j] + mu * s0[j]) * nl;
+    } else {
+      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * nl;
+    }
+  }
+};
+
+template <typename T>
+struct Adagrad {  // c: 0 -lr, 1 eps
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
+    for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] + g[j] * g[j];
+    recompute(c, n, g, s0, nullptr, nullptr, u);
+  }
+  static void recompute(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
+    const T nl = T(c[0]), eps = T(c[1]);
+    for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j]) + eps) * nl;
+  }
+};
+
+template <typename T>
+struct Adadelta {  // c: 0 rho, 1 1-rho, 2 eps, 3 -lr; s0 square_avg, s1 acc_delta
+  static constexpr bool RECOMP = false;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
+    const T rho = T(c[0]), omr = T(c[1]), eps = T(c[2]), nl = T(c[3]);
+    for (int64_t j = 0; j < n; ++j) {
+      const T sq = s0[j] * rho + omr * g[j] * g[j];
+      const T delta = std::sqrt(s1[j] + eps) / std::sqrt(sq + eps) * g[j];
+      s0[j] = sq;
+      s1[j] = s1[j] * rho + omr * delta * delta;
+      u[j] = delta * nl;
+    }
+  }
+  static void recompute(const double*, int64_t, const T*, T*, T*, T*, T*) {}
+};
+
+template <typename T>
+struct Rmsprop {  // c: 0 alpha, 1 1-alpha, 2 eps, 3 -lr, 4 centered, 5 has momentum, 6 mu
+  // s0 square_avg, s1 momentum_buffer, s2 grad_avg
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T* s2, T* u) {
+    const T alpha = T(c[0]), oma = T(c[1]);
+    for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] * alpha + oma * g[j] * g[j];
+    if (c[4] != 0) {
+      for (int64_t j = 0; j < n; ++j) s2[j] = lerp(s2[j], g[j], oma);
+    }
+    if (c[5] != 0) {
+      const T eps = T(c[2]), mu = T(c[6]);
+      if (c[4] != 0) {
+        for (int64_t j = 0; j < n; ++j) s1[j] = s1[j] * mu + g[j] / (std::sqrt(s0[j] - s2[j] * s2[j]) + eps);
+      } else {
+        for (int64_t j = 0; j < n; ++j) s1[j] = s1[j] * mu + g[j] / (std::sqrt(s0[j]) + eps);
+      }
+    }
+    recompute(c, n, g, s0, s1, s2, u);
+  }
+  static void recompute(const double* c, int64_t n, const T* g, T* s0, T* s1, T* s2, T* u) {
+    const T eps = T(c[2]), nl = T(c[3]);
+    if (c[5] != 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = s1[j] * nl;
+    } else if (c[4] != 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j] - s2[j] * s2[j]) + eps) * nl;
+    } else {
+      for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j]) + eps) * nl;
+    }
+  }
+};
+
+template <typename T>
+inline void adam_moments(const double* c, int64_t n, const T* g, T* m, T* v) {
+  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]);
+  for (int64_t j = 0; j < n; ++j) {
+    m[j] = lerp(m[j], g[j], w1);
+    v[j] = v[j] * b2 + omb2 * g[j] * g[j];
+  }
+}
+
+template <typename T>
+struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
+    adam_moments(c, n, g, s0, s1);
+    recompute(c, n, g, s0, s1, nullptr, u);
+  }
+  static void recompute(const double* c, int64_t n, const T*, T* s0, T* s1, T*, T* u) {
+    const T bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
+    for (int64_t j = 0; j < n; ++j) u[j] = s0[j] / (std::sqrt(s1[j]) / bc2 + eps) * k;
+  }
+};
+
+template <typename T>
+struct Nadam {  // c: 0-4 as Adam, 5 grad coefficient, 6 momentum coefficient
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
+    adam_moments(c, n, g, s0, s1);
+    recompute(c, n, g, s0, s1, nullptr, u);
+  }
+  static void recompute(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
+    const T bc2 = T(c[3]), eps = T(c[4]), gc = T(c[5]), mc = T(c[6]);
+    for (int64_t j = 0; j < n; ++j) {
+      const T denom = std::sqrt(s1[j]) / bc2 + eps;
+      u[j] = g[j] / denom * gc + mc * (s0[j] / denom);
+    }
+  }
+};
+
+template <typename T>
+struct Radam {  // c: 0-2 as Adam, 3 rectified, 4 eps, 5 scale, 6 scale * adaptive
+  static constexpr bool RECOMP = true;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
+    adam_moments(c, n, g, s0, s1);
+    recompute(c, n, g, s0, s1, nullptr, u);
+  }
+  static void recompute(const double* c, int64_t n, const T*, T* s0, T* s1, T*, T* u) {
+    const T eps = T(c[4]), scale = T(c[5]), k = T(c[6]);
+    if (c[3] == 0) {
+      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * scale;
+    } else {
+      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] / (std::sqrt(s1[j]) + eps) * k;
+    }
+  }
+};
+
+template <typename T>
+struct Lion {  // c: 0 1-b1, 1 1-b2, 2 -lr
+  static constexpr bool RECOMP = false;
+  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
+    const T w1 = T(c[0]), w2 = T(c[1]), nl = T(c[2]);
+    for (int64_t j = 0; j < n; ++j) {
+      u[j] = sgn(lerp(s0[j], g[j], w1)) * nl;
+      s0[j] = lerp(s0[j], g[j], w2);
+    }
+  }
+  static void recompute(const double*, int64_t, const T*, T*, T*, T*, T*) {}
+};
+
+// ------------------------------------------------------------------ shared epilogue
+
+// p <- p + A u + B p, then Lookahead / EMA; `u` is overwritten with the new parameter.
+template <typename T>
+inline void write_params(const double* c, int mode, int64_t n, T* p, T* u, T* slow, T* ema) {
+  const T A = T(c[10]), B = T(c[11]);
+  for (int64_t j = 0; j < n; ++j) u[j] = p[j] + (A * u[j] + B * p[j]);
+  const T alpha = T(c[13]), ew = T(c[14]);
+  if ((mode & M_EMA) && (mode & M_EMA_FIRST)) {
+    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+  }
+  if (mode & M_SYNC) {
+    for (int64_t j = 0; j < n; ++j) {
+      slow[j] = lerp(slow[j], u[j], alpha);
+      u[j] = slow[j];
+    }
+  }
+  if ((mode & M_EMA) && !(mode & M_EMA_FIRST)) {
+    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+  }
+  std::memcpy(p, u, sizeof(T) * n);
+}
+
+template <typename T>
+inline void norms(const double* c, int64_t n, const T* p, const T* u, double* red) {
+  const T A = T(c[10]), B = T(c[11]);
+  double sd = 0, sp = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = A * u[j] + B * p[j];
+    sd += double(d) * double(d);
+    sp += double(p[j]) * double(p[j]);
+  }
+  red[0] += sd;
+  red[1] += sp;
+}
+
+inline void* off(void* base, int64_t i, size_t size) {
+  return base ? static_cast<char*>(base) + i * size : nullptr;
+}
+
+// ------------------------------------------------------------------ elementwise driver
+
+template <typename T, template <typename> class Alg>
+void run_range(const double* c, int mode, int phase, void* const* slots, int64_t begin, int64_t end, double* red) {
+  alignas(64) T gb[BS], u[BS], t0[BS], t1[BS], t2[BS];
+  T* p0 = static_cast<T*>(slots[0]);
+  T* g0 = static_cast<T*>(slots[1]);
+  const T kk = T(c[12]);
+  for (int64_t b = begin; b < end; b += BS) {
+    const int64_t n = std::min(BS, end - b);
+    T* p = p0 + b;
+    const T* g = g0 ? g0 + b : nullptr;
+    T* s0 = static_cast<T*>(off(slots[2], b, sizeof(T)));
+    T* s1 = static_cast<T*>(off(slots[3], b, sizeof(T)));
+    T* s2 = static_cast<T*>(off(slots[4], b, sizeof(T)));
+    if (mode & M_ACCUM) {
+      T* acc = static_cast<T*>(slots[5]) + b;
+      T* gm = g0 + b;
+      for (int64_t j = 0; j < n; ++j) {
+        gb[j] = (gm[j] + acc[j]) / kk;
+        gm[j] = gb[j];
+        acc[j] = T(0);
+      }
+      g = gb;
+    }
+    if (phase == PH_NORM && !Alg<T>::RECOMP) {  // pure pass: advance a copy of the state
+      if (s0) { std::memcpy(t0, s0, sizeof(T) * n); s0 = t0; }
+      if (s1) { std::memcpy(t1, s1, sizeof(T) * n); s1 = t1; }
+      if (s2) { std::memcpy(t2, s2, sizeof(T) * n); s2 = t2; }
+    }
+    if (phase == PH_APPLY && Alg<T>::RECOMP) {
+      Alg<T>::recompute(c, n, g, s0, s1, s2, u);
+    } else {
+      Alg<T>::update(c, n, g, s0, s1, s2, u);
+    }
+    if (phase == PH_NORM) {
+      norms(c, n, p, u, red);
+    } else {
+      write_params(c, mode, n, p, u, static_cast<T*>(off(slots[6], b, sizeof(T))), static_cast<T*>(off(slots[7], b, sizeof(T))));
+    }
+  }
+}
+
+template <typename T, template <typename> class Alg>
+void run_list(int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase, int nthreads,
+              double* red) {
+  std::vector<int64_t> small;
+  for (int64_t i = 0; i < nt; ++i) {
+    red[2 * i] = red[2 * i + 1] = 0;
+    const int64_t n = numel[i];
+    if (n == 0) continue;
+    if (nthreads <= 1 || n < PAR_MIN) {
+      small.push_back(i);
+      continue;
+    }
+    const int64_t nb = (n + BS - 1) / BS;
+    double sd = 0, sp = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : sd, sp)
+    for (int64_t t = 0; t < nthreads; ++t) {
+      const int64_t lo = nb * t / nthreads * BS, hi = std::min(n, nb * (t + 1) / nthreads * BS);
+      double r[2] = {0, 0};
+      if (lo < hi) run_range<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, lo, hi, r);
+      sd += r[0];
+      sp += r[1];
+    }
+    red[2 * i] = sd;
+    red[2 * i + 1] = sp;
+  }
+  const int64_t ns = int64_t(small.size());
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (nthreads > 1 && ns > 1)
+  for (int64_t k = 0; k < ns; ++k) {
+    const int64_t i = small[k];
+    run_range<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, 0, numel[i], red + 2 * i);
+  }
+}
+
+template <typename T>
+int dispatch(int alg, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase,
+             int nthreads, double* red) {
+  switch (alg) {
+    case ALG_SGD: run_list<T, Sgd>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_ADAGRAD: run_list<T, Adagrad>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_ADADELTA: run_list<T, Adadelta>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_RMSPROP: run_list<T, Rmsprop>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_ADAM: run_list<T, Adam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_NADAM: run_list<T, Nadam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_RADAM: run_list<T, Radam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case ALG_LION: run_list<T, Lion>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+  }
+  return -1;
+}
+
+// ------------------------------------------------------------------ Adafactor
+// slots: 0 p, 1 g, 2 stat over axis 1 (length n0), 3 stat over axis 0 (length n1), 4 v (unfactored),
+//        5 m (beta1 > 0), 6 slow, 7 ema
+// coef: 0 beta2, 1 1-beta2, 2 eps1, 3 eps2, 4 clipping threshold (0: none), 5 beta1, 6 1-beta1,
+//       7 parameter scale (0/1), 8 -lr, 9 row is the axis-1 statistic (largest axis is 1), 10-14 epilogue
+// shape: n0, n1 (n1 == 0: unfactored, n0 elements)
+
+template <typename T>
+void adafactor_one(const int64_t* shape, void* const* slots, const double* c, int mode, int nthreads) {
+  const int64_t n0 = shape[0], n1 = shape[1];
+  const bool factored = n1 > 0;
+  const int64_t n = factored ? n0 * n1 : n0;
+  if (n == 0) return;
+  T* p = static_cast<T*>(slots[0]);
+  const T* g = static_cast<const T*>(slots[1]);
+  T* a1 = static_cast<T*>(slots[2]);
+  T* a0 = static_cast<T*>(slots[3]);
+  T* v = static_cast<T*>(slots[4]);
+  T* m = static_cast<T*>(slots[5]);
+  T* slow = static_cast<T*>(slots[6]);
+  T* ema = static_cast<T*>(slots[7]);
+  const T b2 = T(c[0]), omb2 = T(c[1]), eps1 = T(c[2]), eps2 = T(c[3]), b1 = T(c[5]), omb1 = T(c[6]), nl = T(c[8]);
+  const bool clip = c[4] != 0, scaled = c[7] != 0, momentum = m != nullptr;
+  const int nth = (nthreads > 1 && n >= PAR_MIN) ? nthreads : 1;
+  (void)nth;
+
+  // pass 1: statistics of g^2 + eps1 (factored) and sum of p^2 (parameter scale)
+  double psum = 0;
+  T row_mean = T(1);
+  if (factored) {
+    std::vector<double> s1(n0, 0.0), s0(n1, 0.0);
+#pragma omp parallel num_threads(nth)
+    {
+      std::vector<double> local0(n1, 0.0);
+      double lp = 0;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n0; ++i) {
+        const T* gi = g + i * n1;
+        const T* pi = p + i * n1;
+        double r = 0;
+        for (int64_t j = 0; j < n1; ++j) {
+          const T x = gi[j] * gi[j] + eps1;
+          r += double(x);
+          local0[j] += double(x);
+        }
+        s1[i] = r;
+        if (scaled) {
+          for (int64_t j = 0; j < n1; ++j) lp += double(pi[j]) * double(pi[j]);
+        }
+      }
+#pragma omp critical
+      {
+        for (int64_t j = 0; j < n1; ++j) s0[j] += local0[j];
+        psum += lp;
+      }
+    }
+    for (int64_t i = 0; i < n0; ++i) a1[i] = a1[i] * b2 + omb2 * T(s1[i] / double(n1));
+    for (int64_t j = 0; j < n1; ++j) a0[j] = a0[j] * b2 + omb2 * T(s0[j] / double(n0));
+    // the row statistic is the mean over the largest axis: a0 when the largest axis is 0
+    const bool row_is_a1 = c[9] != 0;
+    const T* row = row_is_a1 ? a1 : a0;
+    const int64_t nrow = row_is_a1 ? n0 : n1;
+    double rs = 0;
+    for (int64_t i = 0; i < nrow; ++i) rs += double(row[i]);
+    row_mean = T(rs / double(nrow));
+  } else if (scaled) {
+#pragma omp parallel for num_threads(nth) reduction(+ : psum) schedule(static)
+    for (int64_t j = 0; j < n; ++j) psum += double(p[j]) * double(p[j]);
+  }
+  const T pscale = std::max(T(std::sqrt(T(psum / double(n)))), eps2);
+
+  auto vhat = [&](int64_t i, int64_t j) -> T { return a1[i] * a0[j] / row_mean; };
+
+  // pass 2: RMS of the unclipped update (the unfactored second moment is advanced here)
+  T clipdiv = T(1);
+  bool v_done = false;
+  if (clip) {
+    double su = 0;
+    if (factored) {
+#pragma omp parallel for num_threads(nth) reduction(+ : su) schedule(static)
+      for (int64_t i = 0; i < n0; ++i) {
+        const T* gi = g + i * n1;
+        double r = 0;
+        for (int64_t j = 0; j < n1; ++j) {
+          const T x = gi[j] / std::sqrt(vhat(i, j) + eps1);
+          r += double(x) * double(x);
+        }
+        su += r;
+      }
+    } else {
+#pragma omp parallel for num_threads(nth) reduction(+ : su) schedule(static)
+      for (int64_t j = 0; j < n; ++j) {
+        const T vj = v[j] * b2 + omb2 * (g[j] * g[j] + eps1);
+        v[j] = vj;
+        const T x = g[j] / std::sqrt(vj + eps1);
+        su += double(x) * double(x);
+      }
+      v_done = true;
+    }
+    const T rms = T(std::sqrt(T(su / double(n))));
+    clipdiv = std::max(rms / T(c[4]), T(1));
+  }
+
+  // pass 3: the update, the momentum, the parameter
+  const int64_t rows = factored ? n0 : 1, cols = factored ? n1 : n;
+#pragma omp parallel for num_threads(nth) schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    alignas(64) T u[BS];
+    for (int64_t jb = 0; jb < cols; jb += BS) {
+      const int64_t len = std::min(BS, cols - jb);
+      const int64_t base = i * cols + jb;
+      const T* gg = g + base;
+      if (factored) {
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(vhat(i, jb + j) + eps1);
+      } else {
+        T* vv = v + base;
+        if (!v_done) {
+          for (int64_t j = 0; j < len; ++j) vv[j] = vv[j] * b2 + omb2 * (gg[j] * gg[j] + eps1);
+        }
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(vv[j] + eps1);
+      }
+      if (clip) {
+        for (int64_t j = 0; j < len; ++j) u[j] = u[j] / clipdiv;
+      }
+      if (momentum) {
+        T* mm = m + base;
+        for (int64_t j = 0; j < len; ++j) {
+          mm[j] = mm[j] * b1 + omb1 * u[j];
+          u[j] = mm[j];
+        }
+      }
+      if (scaled) {
+        for (int64_t j = 0; j < len; ++j) u[j] = u[j] * pscale;
+      }
+      for (int64_t j = 0; j < len; ++j) u[j] = u[j] * nl;
+      write_params(c, mode, len, p + base, u, slow ? slow + base : nullptr, ema ? ema + base : nullptr);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int danlu_abi_version() { return 1; }
+
+// Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. ptrs: nt * 8 slots,
+// coef: nt * 16, modes: nt, red: nt * 2 (phase NORM: sum d^2, sum p^2). Returns 0, or -1 for an
+// unknown algorithm or dtype.
+int danlu_elementwise(int dtype, int alg, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef,
+                      const int* modes, int phase, int nthreads, double* red) {
+  if (dtype == 0) return dispatch<float>(alg, nt, numel, ptrs, coef, modes, phase, nthreads, red);
+  if (dtype == 1) return dispatch<double>(alg, nt, numel, ptrs, coef, modes, phase, nthreads, red);
+  return -1;
+}
+
+int danlu_adafactor(int dtype, int64_t nt, const int64_t* shapes, void* const* ptrs, const double* coef, const int* modes,
+                    int nthreads) {
+  for (int64_t i = 0; i < nt; ++i) {
+    if (dtype == 0) {
+      adafactor_one<float>(shapes + 2 * i, ptrs + i * NSLOT, coef + i * NCOEF, modes[i], nthreads);
+    } else if (dtype == 1) {
+      adafactor_one<double>(shapes + 2 * i, ptrs + i * NSLOT, coef + i * NCOEF, modes[i], nthreads);
+    } else {
+      return -1;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
