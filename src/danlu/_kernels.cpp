@@ -237,14 +237,15 @@ inline void write_params(const double* c, int mode, int64_t n, T* p, T* u, T* sl
 template <typename T>
 inline void norms(const double* c, int64_t n, const T* p, const T* u, double* red) {
   const T A = T(c[10]), B = T(c[11]);
-  double sd = 0, sp = 0;
+  T sd = 0, sp = 0;  // partial sums of one block (<= 256 terms) in T, the total in double
+#pragma omp simd reduction(+ : sd, sp)
   for (int64_t j = 0; j < n; ++j) {
     const T d = A * u[j] + B * p[j];
-    sd += double(d) * double(d);
-    sp += double(p[j]) * double(p[j]);
+    sd += d * d;
+    sp += p[j] * p[j];
   }
-  red[0] += sd;
-  red[1] += sp;
+  red[0] += double(sd);
+  red[1] += double(sp);
 }
 
 inline void* off(void* base, int64_t i, size_t size) {
@@ -383,6 +384,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         const T* gi = g + i * n1;
         const T* pi = p + i * n1;
         double r = 0;
+#pragma omp simd reduction(+ : r)
         for (int64_t j = 0; j < n1; ++j) {
           const T x = gi[j] * gi[j] + eps1;
           r += double(x);
@@ -390,6 +392,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         }
         s1[i] = r;
         if (scaled) {
+#pragma omp simd reduction(+ : lp)
           for (int64_t j = 0; j < n1; ++j) lp += double(pi[j]) * double(pi[j]);
         }
       }
@@ -409,12 +412,11 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
     for (int64_t i = 0; i < nrow; ++i) rs += double(row[i]);
     row_mean = T(rs / double(nrow));
   } else if (scaled) {
-#pragma omp parallel for num_threads(nth) reduction(+ : psum) schedule(static)
+#pragma omp parallel for simd num_threads(nth) reduction(+ : psum) schedule(static)
     for (int64_t j = 0; j < n; ++j) psum += double(p[j]) * double(p[j]);
   }
   const T pscale = std::max(T(std::sqrt(T(psum / double(n)))), eps2);
 
-  auto vhat = [&](int64_t i, int64_t j) -> T { return a1[i] * a0[j] / row_mean; };
 
   // pass 2: RMS of the unclipped update (the unfactored second moment is advanced here)
   T clipdiv = T(1);
@@ -426,14 +428,16 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       for (int64_t i = 0; i < n0; ++i) {
         const T* gi = g + i * n1;
         double r = 0;
+        const T ai = a1[i];
+#pragma omp simd reduction(+ : r)
         for (int64_t j = 0; j < n1; ++j) {
-          const T x = gi[j] / std::sqrt(vhat(i, j) + eps1);
+          const T x = gi[j] / std::sqrt(ai * a0[j] / row_mean + eps1);
           r += double(x) * double(x);
         }
         su += r;
       }
     } else {
-#pragma omp parallel for num_threads(nth) reduction(+ : su) schedule(static)
+#pragma omp parallel for simd num_threads(nth) reduction(+ : su) schedule(static)
       for (int64_t j = 0; j < n; ++j) {
         const T vj = v[j] * b2 + omb2 * (g[j] * g[j] + eps1);
         v[j] = vj;
@@ -456,7 +460,9 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       const int64_t base = i * cols + jb;
       const T* gg = g + base;
       if (factored) {
-        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(vhat(i, jb + j) + eps1);
+        const T ai = a1[i];
+        const T* aj = a0 + jb;
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(ai * aj[j] / row_mean + eps1);
       } else {
         T* vv = v + base;
         if (!v_done) {
