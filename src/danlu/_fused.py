@@ -57,6 +57,8 @@ __all__ = ["group_step", "defer_mean", "native_kind", "FUSED_AFTER", "PENDING_ME
 
 FUSED_AFTER = "_danlu_fused_after"
 """Instance attribute: {(derivation index, id(group)): ids of the parameters whose after_step is done}."""
+STATS = {"native_tensors": 0}
+"""How many tensor updates the native kernels have done in this process (for tests and the benchmark)."""
 PENDING_MEAN = "_danlu_pending_mean"
 """Instance attribute: {id(p): (accumulation buffer, steps)} for means deferred to the kernel."""
 
@@ -389,6 +391,7 @@ def group_step(
             apply.add([norm_pass.numel[k]], norm_pass.ptrs[k * NSLOT : (k + 1) * NSLOT], coef, base_mode, [])
         apply.tensors = norm_pass.tensors
         _call(lib, spec, dt, apply, PH_APPLY, threads)
+    STATS["native_tensors"] += len(done)
     if done and after_index:
         handled = opt.__dict__.setdefault(FUSED_AFTER, {})
         ids = {id(p) for p in done}
