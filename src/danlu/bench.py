@@ -470,11 +470,15 @@ def run(
         for impl in members:
             result = results.setdefault(impl.name, Result(impl.name, impl.family, impl.algorithm, calls=impl.calls, note=impl.note))
             try:
+                for p, g in zip(params, grads):
+                    p.grad = g
                 opt = impl.make(named)
                 t0 = time.perf_counter()
                 _do_step(impl, opt)
                 first = time.perf_counter() - t0
                 for _ in range(warmup - 1):
+                    for p, g in zip(params, grads):
+                        p.grad = g
                     _do_step(impl, opt)
                 opts[impl.name] = opt
                 if result.first_step_s is None:
@@ -490,6 +494,9 @@ def run(
         for r in range(rounds):
             rotated = order[r % len(order) :] + order[: r % len(order)]
             for name in rotated:
+                for p, g in zip(params, grads):  # some peers drop p.grad after their step
+                    if p.grad is not g:
+                        p.grad = g
                 if name in probes:
                     fn = probes[name][0]
                     t0 = time.perf_counter()
@@ -528,13 +535,15 @@ def run(
                 result = results[name]
                 if result.peak_extra_bytes is not None:
                     continue
+                for p, g in zip(params, grads):
+                    p.grad = g
                 try:
                     with PeakMemory() as peak:
                         _do_step(by_name[name], opt)
                     result.peak_extra_bytes = peak.peak
                     result.peak_extra_tensors = peak.peak / largest
                 except Exception as exc:  # noqa: BLE001
-                    log(f"  {name}: peak memory not measured ({type(exc).__name__}: {exc})")
+                    log(f"  {name}: peak memory not measured ({type(exc).__name__}: {str(exc)[:120]})")
         for name in opts:
             r_ = results[name]
             log(
