@@ -48,7 +48,6 @@ from danlu.derivations import (
     WeightDecay,
 )
 from danlu.derivations._base import APPLIED_STEPS
-from danlu.derivations.layer_adaptation import MIN_LR
 
 if TYPE_CHECKING:
     from danlu.base import DanluOptimizer
@@ -63,8 +62,8 @@ PENDING_MEAN = "_danlu_pending_mean"
 """Instance attribute: {id(p): (accumulation buffer, steps)} for means deferred to the kernel."""
 
 M_ACCUM, M_SYNC, M_EMA, M_EMA_FIRST = 1, 2, 4, 8
-PH_FULL, PH_NORM, PH_APPLY = 0, 1, 2
-NSLOT, NCOEF = 8, 16
+PH_FULL, PH_NORM, PH_APPLY, PH_ADAPT = 0, 1, 2, 3
+NSLOT, NCOEF = 8, 20
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _KNOWN = (WeightDecay, LayerAdaptation, PiecewiseLinearLR, GradientAccumulation, Lookahead, LazyOptimization,
           ExponentialMovingAverage, ParameterWiseLR)
@@ -320,8 +319,7 @@ def group_step(
     base_mode = (M_SYNC if sync else 0) | (M_EMA if ema else 0) | (M_EMA_FIRST if ema and ema_first else 0)
 
     rest: list[int] = []
-    single, norm_pass = _Batch(), _Batch()
-    adapted: list[tuple[int, float, list[tuple[str, float]], float]] = []  # (index, lr, post ops, A/B placeholder)
+    single, adapted_batch = _Batch(), _Batch()
     done: list[Tensor] = []
     coef_cache: dict[tuple[float, float], list[float]] = {}
     dtype = None
@@ -366,12 +364,13 @@ def group_step(
                 shadow = state["ema.shadow"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             extra[2] = shadow
         a, b, post = _fold(opt, group, name, lrs[i])
-        full = [*coef, *([0.0] * (10 - len(coef))), a, b, float(accum[1]) if accum else 1.0, alpha, ema_weight, 0.0]
+        post_a, post_b = _apply_post(1.0, 0.0, post)  # the transforms after layer adaptation: A -> A M, B -> B M + W
+        full = [*coef, *([0.0] * (10 - len(coef))), a, b, float(accum[1]) if accum else 1.0, alpha, ema_weight,
+                post_a, post_b, lrs[i], 0.0, 0.0]
         ptrs = [_ptr(t) for t in slots] + [_ptr(t) for t in extra]
         touched = [t for t in (*slots, *extra) if t is not None]
         if _layer_adapted(opt, group, name):
-            norm_pass.add(sizes, ptrs, full, 0, touched)
-            adapted.append((i, lrs[i], post, 0.0))
+            adapted_batch.add(sizes, ptrs, full, mode, touched)
         else:
             single.add(sizes, ptrs, full, mode, touched)
         done.append(p)
@@ -380,17 +379,8 @@ def group_step(
     dt = _DTYPES.get(dtype, 0) if dtype is not None else 0
     if single.modes:
         _call(lib, spec, dt, single, PH_FULL, threads)
-    if norm_pass.modes:
-        _, _, _, _, red = _call(lib, spec, dt, norm_pass, PH_NORM, threads)
-        apply = _Batch()
-        for k, (i, lr, post, _) in enumerate(adapted):
-            ratio = _trust_ratio(red[2 * k], red[2 * k + 1], lr)
-            coef = norm_pass.coef[k * NCOEF : (k + 1) * NCOEF]
-            a, b = _apply_post(coef[10] * ratio, coef[11] * ratio, post)
-            coef = coef[:10] + [a, b] + coef[12:]
-            apply.add([norm_pass.numel[k]], norm_pass.ptrs[k * NSLOT : (k + 1) * NSLOT], coef, base_mode, [])
-        apply.tensors = norm_pass.tensors
-        _call(lib, spec, dt, apply, PH_APPLY, threads)
+    if adapted_batch.modes:
+        _call(lib, spec, dt, adapted_batch, PH_ADAPT, threads)
     STATS["native_tensors"] += len(done)
     if done and after_index:
         handled = opt.__dict__.setdefault(FUSED_AFTER, {})
@@ -398,12 +388,6 @@ def group_step(
         for index in after_index:
             handled[(index, id(group))] = ids
     return rest
-
-
-def _trust_ratio(sum_d2: float, sum_p2: float, lr: float) -> float:
-    param_norm = math.sqrt(sum_p2)
-    update_norm = math.sqrt(sum_d2) / max(lr, MIN_LR)
-    return param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
 
 
 def _call(lib: Any, spec: Spec, dtype: int, batch: _Batch, phase: int, threads: int) -> tuple[Any, ...]:

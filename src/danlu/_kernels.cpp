@@ -34,11 +34,11 @@ namespace {
 constexpr int64_t BS = 256;            // block length: every temporary lives in L1
 constexpr int64_t PAR_MIN = 1 << 16;   // tensors at least this long are split across threads
 constexpr int NSLOT = 8;               // p, g, s0, s1, s2, accum, slow, ema
-constexpr int NCOEF = 16;              // 0-9 algorithm, 10 A, 11 B, 12 k, 13 alpha, 14 ema weight
+constexpr int NCOEF = 20;              // 0-9 algorithm, 10 A, 11 B, 12 k, 13 alpha, 14 ema weight, 15-17 adapt
 
 enum { ALG_SGD = 0, ALG_ADAGRAD = 1, ALG_ADADELTA = 2, ALG_RMSPROP = 3, ALG_ADAM = 4, ALG_NADAM = 5, ALG_RADAM = 6, ALG_LION = 7 };
 enum { M_ACCUM = 1, M_SYNC = 2, M_EMA = 4, M_EMA_FIRST = 8 };
-enum { PH_FULL = 0, PH_NORM = 1, PH_APPLY = 2 };
+enum { PH_FULL = 0, PH_NORM = 1, PH_APPLY = 2, PH_ADAPT = 3 };
 
 template <typename T>
 inline T lerp(T self, T end, T w) {
@@ -160,8 +160,9 @@ struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
     recompute(c, n, g, s0, s1, nullptr, u);
   }
   static void recompute(const double* c, int64_t n, const T*, T* s0, T* s1, T*, T* u) {
-    const T bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
-    for (int64_t j = 0; j < n; ++j) u[j] = s0[j] / (std::sqrt(s1[j]) / bc2 + eps) * k;
+    // m / (sqrt(v) / bc2 + eps) * k, with one division: (m * (k * bc2)) / (sqrt(v) + eps * bc2)
+    const T bc2 = T(c[3]), eps = T(c[4] * c[3]), k = T(c[5] * c[3]);
+    for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * k / (std::sqrt(s1[j]) + eps);
   }
 };
 
@@ -295,37 +296,67 @@ void run_range(const double* c, int mode, int phase, void* const* slots, int64_t
   }
 }
 
+// one tensor, split across threads when it is long; red gets (sum d^2, sum p^2) in phase NORM
+template <typename T, template <typename> class Alg>
+void run_tensor(const double* c, int mode, int phase, void* const* slots, int64_t n, int nthreads, double* red) {
+  red[0] = red[1] = 0;
+  if (nthreads <= 1 || n < PAR_MIN) {
+    run_range<T, Alg>(c, mode, phase, slots, 0, n, red);
+    return;
+  }
+  const int64_t nb = (n + BS - 1) / BS;
+  double sd = 0, sp = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : sd, sp)
+  for (int64_t t = 0; t < nthreads; ++t) {
+    const int64_t lo = nb * t / nthreads * BS, hi = std::min(n, nb * (t + 1) / nthreads * BS);
+    double r[2] = {0, 0};
+    if (lo < hi) run_range<T, Alg>(c, mode, phase, slots, lo, hi, r);
+    sd += r[0];
+    sp += r[1];
+  }
+  red[0] = sd;
+  red[1] = sp;
+}
+
+// Layer adaptation, tensor by tensor, so that the second pass finds a tensor that fits the caches
+// still there: norms, the trust ratio r, then the write with A <- r A M, B <- r B M + W (the
+// transforms after layer adaptation folded into M and W). c: 15 M, 16 W, 17 lr_t.
+template <typename T, template <typename> class Alg>
+void run_adapted(const double* c, int mode, void* const* slots, int64_t n, int nthreads, double* red) {
+  run_tensor<T, Alg>(c, 0, PH_NORM, slots, n, nthreads, red);
+  const double pn = std::sqrt(red[1]), un = std::sqrt(red[0]) / std::max(c[17], 1e-7);
+  const double r = (pn > 0 && un > 0) ? pn / un : 1.0;
+  double cc[NCOEF];
+  std::memcpy(cc, c, sizeof(cc));
+  cc[10] = r * c[10] * c[15];
+  cc[11] = r * c[11] * c[15] + c[16];
+  double unused[2];
+  run_tensor<T, Alg>(cc, mode, PH_APPLY, slots, n, nthreads, unused);
+}
+
 template <typename T, template <typename> class Alg>
 void run_list(int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase, int nthreads,
               double* red) {
+  auto one = [&](int64_t i, int threads) {
+    if (phase == PH_ADAPT) {
+      run_adapted<T, Alg>(coef + i * NCOEF, modes[i], ptrs + i * NSLOT, numel[i], threads, red + 2 * i);
+    } else {
+      run_tensor<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, numel[i], threads, red + 2 * i);
+    }
+  };
   std::vector<int64_t> small;
   for (int64_t i = 0; i < nt; ++i) {
     red[2 * i] = red[2 * i + 1] = 0;
-    const int64_t n = numel[i];
-    if (n == 0) continue;
-    if (nthreads <= 1 || n < PAR_MIN) {
+    if (numel[i] == 0) continue;
+    if (nthreads <= 1 || numel[i] < PAR_MIN) {
       small.push_back(i);
-      continue;
+    } else {
+      one(i, nthreads);
     }
-    const int64_t nb = (n + BS - 1) / BS;
-    double sd = 0, sp = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : sd, sp)
-    for (int64_t t = 0; t < nthreads; ++t) {
-      const int64_t lo = nb * t / nthreads * BS, hi = std::min(n, nb * (t + 1) / nthreads * BS);
-      double r[2] = {0, 0};
-      if (lo < hi) run_range<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, lo, hi, r);
-      sd += r[0];
-      sp += r[1];
-    }
-    red[2 * i] = sd;
-    red[2 * i + 1] = sp;
   }
   const int64_t ns = int64_t(small.size());
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (nthreads > 1 && ns > 1)
-  for (int64_t k = 0; k < ns; ++k) {
-    const int64_t i = small[k];
-    run_range<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, 0, numel[i], red + 2 * i);
-  }
+  for (int64_t k = 0; k < ns; ++k) one(small[k], 1);
 }
 
 template <typename T>
@@ -377,25 +408,39 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
     std::vector<double> s1(n0, 0.0), s0(n1, 0.0);
 #pragma omp parallel num_threads(nth)
     {
+      // column sums: partial sums of up to 16 rows in T, flushed into double
       std::vector<double> local0(n1, 0.0);
+      std::vector<T> part(n1, T(0));
       double lp = 0;
+      int64_t pending = 0;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < n0; ++i) {
         const T* gi = g + i * n1;
         const T* pi = p + i * n1;
-        double r = 0;
+        T* pp = part.data();
+        T r = 0;
 #pragma omp simd reduction(+ : r)
         for (int64_t j = 0; j < n1; ++j) {
           const T x = gi[j] * gi[j] + eps1;
-          r += double(x);
-          local0[j] += double(x);
+          r += x;
+          pp[j] += x;
         }
-        s1[i] = r;
+        s1[i] = double(r);
+        if (++pending == 16) {
+          for (int64_t j = 0; j < n1; ++j) {
+            local0[j] += double(pp[j]);
+            pp[j] = T(0);
+          }
+          pending = 0;
+        }
         if (scaled) {
-#pragma omp simd reduction(+ : lp)
-          for (int64_t j = 0; j < n1; ++j) lp += double(pi[j]) * double(pi[j]);
+          T q = 0;
+#pragma omp simd reduction(+ : q)
+          for (int64_t j = 0; j < n1; ++j) q += pi[j] * pi[j];
+          lp += double(q);
         }
       }
+      for (int64_t j = 0; j < n1; ++j) local0[j] += double(part[j]);
 #pragma omp critical
       {
         for (int64_t j = 0; j < n1; ++j) s0[j] += local0[j];
@@ -416,7 +461,11 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
     for (int64_t j = 0; j < n; ++j) psum += double(p[j]) * double(p[j]);
   }
   const T pscale = std::max(T(std::sqrt(T(psum / double(n)))), eps2);
-
+  // v_hat(i, j) = a1[i] * (a0[j] / row_mean): the division done once per column (the reference
+  // divides the product; the two differ by rounding)
+  std::vector<T> colf(factored ? n1 : 0);
+  for (int64_t j = 0; j < (factored ? n1 : 0); ++j) colf[j] = a0[j] / row_mean;
+  const T* cf = colf.data();
 
   // pass 2: RMS of the unclipped update (the unfactored second moment is advanced here)
   T clipdiv = T(1);
@@ -429,11 +478,10 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         const T* gi = g + i * n1;
         double r = 0;
         const T ai = a1[i];
-#pragma omp simd reduction(+ : r)
-        for (int64_t j = 0; j < n1; ++j) {
-          const T x = gi[j] / std::sqrt(ai * a0[j] / row_mean + eps1);
-          r += double(x) * double(x);
-        }
+        T rr = 0;  // the square of the update, g^2 / (v + eps1), needs no square root
+#pragma omp simd reduction(+ : rr)
+        for (int64_t j = 0; j < n1; ++j) rr += gi[j] * gi[j] / (ai * cf[j] + eps1);
+        r = double(rr);
         su += r;
       }
     } else {
@@ -450,7 +498,10 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
     clipdiv = std::max(rms / T(c[4]), T(1));
   }
 
-  // pass 3: the update, the momentum, the parameter
+  // pass 3: the update, the momentum, the parameter. The scalar factors are applied once: 1/clipdiv
+  // before the momentum, the parameter scale and -lr after it.
+  const T pre = momentum ? T(1) / clipdiv : T(1);
+  const T post = momentum ? (scaled ? pscale * nl : nl) : (scaled ? pscale * nl : nl) / clipdiv;
   const int64_t rows = factored ? n0 : 1, cols = factored ? n1 : n;
 #pragma omp parallel for num_threads(nth) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
@@ -461,8 +512,8 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       const T* gg = g + base;
       if (factored) {
         const T ai = a1[i];
-        const T* aj = a0 + jb;
-        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(ai * aj[j] / row_mean + eps1);
+        const T* aj = cf + jb;
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(ai * aj[j] + eps1);
       } else {
         T* vv = v + base;
         if (!v_done) {
@@ -470,20 +521,15 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         }
         for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(vv[j] + eps1);
       }
-      if (clip) {
-        for (int64_t j = 0; j < len; ++j) u[j] = u[j] / clipdiv;
-      }
       if (momentum) {
         T* mm = m + base;
         for (int64_t j = 0; j < len; ++j) {
-          mm[j] = mm[j] * b1 + omb1 * u[j];
-          u[j] = mm[j];
+          mm[j] = mm[j] * b1 + omb1 * (u[j] * pre);
+          u[j] = mm[j] * post;
         }
+      } else {
+        for (int64_t j = 0; j < len; ++j) u[j] = u[j] * post;
       }
-      if (scaled) {
-        for (int64_t j = 0; j < len; ++j) u[j] = u[j] * pscale;
-      }
-      for (int64_t j = 0; j < len; ++j) u[j] = u[j] * nl;
       write_params(c, mode, len, p + base, u, slow ? slow + base : nullptr, ema ? ema + base : nullptr);
     }
   }
@@ -493,7 +539,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
 
 extern "C" {
 
-int danlu_abi_version() { return 1; }
+int danlu_abi_version() { return 2; }
 
 // Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. ptrs: nt * 8 slots,
 // coef: nt * 16, modes: nt, red: nt * 2 (phase NORM: sum d^2, sum p^2). Returns 0, or -1 for an

@@ -31,7 +31,7 @@ import torch
 __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
-_ABI = 1
+_ABI = 2
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
