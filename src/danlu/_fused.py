@@ -281,7 +281,7 @@ def _ptr(t: Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def group_step(
+def _generic_group_step(
     opt: DanluOptimizer,
     group: dict[str, Any],
     params: list[Tensor],
@@ -291,9 +291,7 @@ def group_step(
     lrs: list[float],
     steps: list[float],
 ) -> list[int]:
-    """Run what the native kernels can take; return the indices left to the generic path."""
-    if native_kind(opt, group) != "native":
-        return list(range(len(params)))
+    """Per-tensor assembly of the kernel arguments (Adafactor, NAdam, and whenever a plan does not fit)."""
     lib = _native.load()
     spec = spec_for(opt)
     assert lib is not None and spec is not None
@@ -388,6 +386,234 @@ def group_step(
         for index in after_index:
             handled[(index, id(group))] = ids
     return rest
+
+
+PLANS = "_danlu_fused_plans"
+
+
+def advance_steps(opt: Any, group: dict[str, Any], steps_t: list[Tensor]) -> list[float]:
+    """Add 1 to every step counter and return the new values (one native call when it can)."""
+    lib = _native.load() if native_kind(opt, group) == "native" else None
+    if lib is not None and len(steps_t) > 1 and all(
+        t.dtype is torch.float32 and t.device.type == "cpu" and t.dim() == 0 for t in steps_t
+    ):
+        n = len(steps_t)
+        out = (ctypes.c_double * n)()
+        lib.danlu_increment(n, (ctypes.c_void_p * n)(*[t.data_ptr() for t in steps_t]), out)
+        return list(out)
+    torch._foreach_add_(steps_t, 1.0)
+    return torch.stack(steps_t).tolist() if len(steps_t) > 1 else [float(steps_t[0].item())]
+
+
+def group_step(
+    opt: DanluOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    names: list[str | None],
+    lrs: list[float],
+    steps: list[float],
+) -> list[int]:
+    """Run what the native kernels can take; return the indices left to the generic path."""
+    if native_kind(opt, group) != "native":
+        return list(range(len(params)))
+    spec = spec_for(opt)
+    assert spec is not None
+    if spec.alg in (-1, 5):  # Adafactor and NAdam assemble their coefficients tensor by tensor
+        return _generic_group_step(opt, group, params, grads, states, names, lrs, steps)
+    plans = opt.__dict__.setdefault(PLANS, {})
+    key = (_group_signature(group), tuple(map(id, params)))
+    plan = plans.get(id(group))
+    if plan is None or plan.key != key or not plan.valid(params, states):
+        plan = plans[id(group)] = _Plan(opt, group, spec, key, params, states, names)
+    if not plan.grads_ok(grads):
+        return _generic_group_step(opt, group, params, grads, states, names, lrs, steps)
+    plan.run(opt, group, spec, params, grads, states, lrs, steps)
+    return plan.rest
+
+
+def _group_signature(group: dict[str, Any]) -> tuple[Any, ...]:
+    """The options of a group that decide a plan (everything but the lr, the counters and the tensors)."""
+    skip = ("params", "param_names", "lr", APPLIED_STEPS, "calls")
+    return tuple((k, repr(v)) for k, v in group.items() if k not in skip)
+
+
+class _Plan:
+    """Per-group kernel arguments that do not change from step to step: pointers, sizes, folded transforms."""
+
+    def __init__(self, opt: Any, group: dict[str, Any], spec: Spec, key: Any, params: list[Tensor],
+                 states: list[dict[str, Any]], names: list[str | None]) -> None:
+        import numpy as np
+
+        self.key = key
+        slot_keys = spec.slots(group)
+        derivations = opt._danlu_derivations
+        has_accum = any(isinstance(d, GradientAccumulation) for d in derivations)
+        self.after_index: list[int] = []
+        self.ema = self.ema_first = self.lookahead = False
+        seen_lookahead = False
+        for index, d in enumerate(derivations):
+            if isinstance(d, Lookahead):
+                seen_lookahead = self.lookahead = True
+                self.after_index.append(index)
+            elif isinstance(d, ExponentialMovingAverage):
+                self.after_index.append(index)
+                self.ema, self.ema_first = True, not seen_lookahead
+        self.rest: list[int] = []
+        chosen: list[int] = []
+        checks: list[tuple[dict[str, Any], str, Tensor]] = []
+        ptr_rows: list[list[int]] = []
+        folds: list[tuple[float, float, float, float]] = []
+        adapted: list[bool] = []
+        self.buffers: list[Tensor | None] = []
+        dtype = params[0].dtype if params else None
+        for i, (p, state, name) in enumerate(zip(params, states, names)):
+            ok = (p.device.type == "cpu" and p.dtype in _DTYPES and p.dtype == dtype and p.layout is torch.strided
+                  and p.is_contiguous() and not _lazy_selects(opt, group, name))
+            slots = [state.get(k) if k is not None else None for k in slot_keys]
+            ok = ok and all(k is None or _dense_like(t, p) for k, t in zip(slot_keys, slots))
+            slow = state.get("lookahead.slow") if self.lookahead else None
+            ok = ok and (not self.lookahead or _dense_like(slow, p))
+            buffer = state.get("accum.grad") if has_accum else None
+            if buffer is not None and not _dense_like(buffer, p):
+                buffer = None
+            if not ok:
+                self.rest.append(i)
+                continue
+            shadow = None
+            if self.ema:
+                shadow = state.get("ema.shadow")
+                if shadow is None:
+                    shadow = state["ema.shadow"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not _dense_like(shadow, p):
+                    self.rest.append(i)
+                    continue
+            chosen.append(i)
+            for k, t in zip(slot_keys, slots):
+                if k is not None:
+                    checks.append((state, k, t))  # type: ignore[arg-type]
+            for k, t in (("lookahead.slow", slow), ("ema.shadow", shadow)):
+                if t is not None:
+                    checks.append((state, k, t))
+            self.buffers.append(buffer)
+            ptr_rows.append([p.data_ptr(), 0, *[_ptr(t) for t in slots], _ptr(buffer), _ptr(slow), _ptr(shadow)])
+            # fold the transforms at lr = 1: A and M do not depend on the lr, B and W are the lr times a constant
+            a, b, post = _fold(opt, group, name, 1.0)
+            m, w = _apply_post(1.0, 0.0, post)
+            folds.append((a, b, m, w))
+            adapted.append(_layer_adapted(opt, group, name))
+        self.chosen = chosen
+        self.params = [params[i] for i in chosen]
+        self.param_ptrs = [r[0] for r in ptr_rows]
+        self.checks = checks
+        self.dtype = _DTYPES.get(dtype, 0) if dtype is not None else 0
+        self.ids = {id(p) for p in self.params}
+        n = len(chosen)
+        self.ptrs = np.array(ptr_rows, dtype=np.int64).reshape(n, NSLOT)
+        self.numel = np.array([params[i].numel() for i in chosen], dtype=np.int64)
+        self.folds = np.array(folds, dtype=np.float64).reshape(n, 4)
+        self.adapted = np.array(adapted, dtype=bool)
+        self.has_adapted = bool(self.adapted.any())
+        self.all_adapted = bool(self.adapted.all())
+
+    def valid(self, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+        return [p.data_ptr() for p in self.params] == self.param_ptrs and all(
+            [st.get(k) is t for st, k, t in self.checks]
+        )
+
+    def grads_ok(self, grads: list[Tensor]) -> bool:
+        dtype = self.params[0].dtype if self.params else None
+        return all(
+            [g.layout is torch.strided and g.dtype is dtype and g.device.type == "cpu" and g.is_contiguous()
+             for g in (grads[i] for i in self.chosen)]
+        )
+
+    def run(self, opt: Any, group: dict[str, Any], spec: Spec, params: list[Tensor], grads: list[Tensor],
+            states: list[dict[str, Any]], lrs: list[float], steps: list[float]) -> None:
+        import numpy as np
+
+        n = len(self.chosen)
+        if n == 0:
+            return
+        lib = _native.load()
+        chosen = self.chosen
+        self.ptrs[:, 1] = [grads[i].data_ptr() for i in chosen]
+        modes = np.zeros(n, dtype=np.int32)
+        sync = self.lookahead and (group[APPLIED_STEPS] + 1) % group["steps_per_slow_update"] == 0
+        base_mode = (M_SYNC if sync else 0) | (M_EMA if self.ema else 0) | (M_EMA_FIRST if self.ema and self.ema_first else 0)
+        modes[:] = base_mode
+        coef = np.zeros((n, NCOEF), dtype=np.float64)
+        pending = opt.__dict__.get(PENDING_MEAN)
+        touched_grads: list[Tensor] = []
+        if pending:
+            for row, i in enumerate(chosen):
+                entry = pending.pop(id(params[i]), None)
+                if entry is None:
+                    continue
+                buffer, k = entry
+                if buffer is not self.buffers[row]:
+                    self.ptrs[row, 5] = buffer.data_ptr()
+                modes[row] |= M_ACCUM
+                coef[row, 12] = k
+                touched_grads.append(grads[i])
+        lr_c = [lrs[i] for i in chosen]
+        step_c = [steps[i] for i in chosen]
+        if len(set(zip(lr_c, step_c))) == 1:
+            coef[:, : 10] = _padded(spec.coefficients(opt, group, states[chosen[0]], lr_c[0], step_c[0]))
+            lr_col = lr_c[0]
+        else:
+            cache: dict[tuple[float, float], list[float]] = {}
+            for row, key in enumerate(zip(lr_c, step_c)):
+                if key not in cache:
+                    cache[key] = _padded(spec.coefficients(opt, group, states[chosen[row]], key[0], key[1]))
+                coef[row, :10] = cache[key]
+            lr_col = np.array(lr_c)
+        coef[:, 10] = self.folds[:, 0]
+        coef[:, 11] = lr_col * self.folds[:, 1]  # folded at lr = 1: B and W scale with the lr
+        coef[:, 13] = group["slow_step_size"] if self.lookahead else 0.0
+        coef[:, 14] = 1.0 - group["ema_momentum"] if self.ema else 0.0
+        coef[:, 15] = self.folds[:, 2]
+        coef[:, 16] = lr_col * self.folds[:, 3]
+        coef[:, 17] = lr_col
+        threads = torch.get_num_threads()
+        if self.has_adapted and not self.all_adapted:
+            for mask, phase in ((~self.adapted, PH_FULL), (self.adapted, PH_ADAPT)):
+                self._launch(lib, spec, phase, threads, self.ptrs[mask], self.numel[mask], coef[mask], modes[mask])
+        else:
+            self._launch(lib, spec, PH_ADAPT if self.has_adapted else PH_FULL, threads, self.ptrs, self.numel, coef, modes)
+        if _increment_version is not None:
+            _increment_version(self.params + touched_grads)
+        STATS["native_tensors"] += n
+        if self.after_index:
+            handled = opt.__dict__.setdefault(FUSED_AFTER, {})
+            for index in self.after_index:
+                handled[(index, id(group))] = self.ids
+
+    def _launch(self, lib: Any, spec: Spec, phase: int, threads: int, ptrs: Any, numel: Any, coef: Any, modes: Any) -> None:
+        import numpy as np
+
+        ptrs, numel, coef, modes = (np.ascontiguousarray(x) for x in (ptrs, numel, coef, modes))
+        n = len(modes)
+        if n == 0:
+            return
+        red = np.zeros(2 * n, dtype=np.float64)
+        c = ctypes
+        rc = lib.danlu_elementwise(
+            self.dtype, spec.alg, n,
+            numel.ctypes.data_as(c.POINTER(c.c_int64)),
+            ptrs.ctypes.data_as(c.POINTER(c.c_void_p)),
+            coef.ctypes.data_as(c.POINTER(c.c_double)),
+            modes.ctypes.data_as(c.POINTER(c.c_int)),
+            phase, threads,
+            red.ctypes.data_as(c.POINTER(c.c_double)),
+        )
+        if rc != 0:  # pragma: no cover
+            raise RuntimeError(f"danlu native kernel failed ({rc})")
+
+
+def _padded(coef: list[float]) -> list[float]:
+    return [*coef, *([0.0] * (10 - len(coef)))]
 
 
 def _call(lib: Any, spec: Spec, dtype: int, batch: _Batch, phase: int, threads: int) -> tuple[Any, ...]:

@@ -71,6 +71,7 @@ class DerivationHost(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         keep_state_dtypes(self, state_dict)
         self.__dict__.pop("_danlu_name_cache", None)
+        self.__dict__.pop("_danlu_fused_plans", None)  # danlu._fused caches pointers to the state tensors
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -539,7 +539,16 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
 
 extern "C" {
 
-int danlu_abi_version() { return 2; }
+int danlu_abi_version() { return 3; }
+
+// Step counters: add 1 to each float32 scalar and report the new values.
+void danlu_increment(int64_t n, void* const* ptrs, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* t = static_cast<float*>(ptrs[i]);
+    *t += 1.0f;
+    out[i] = double(*t);
+  }
+}
 
 // Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. ptrs: nt * 8 slots,
 // coef: nt * 16, modes: nt, red: nt * 2 (phase NORM: sum d^2, sum p^2). Returns 0, or -1 for an

@@ -143,9 +143,7 @@ class DanluOptimizer(DerivationHost):
             names.append(name)
         if not params:
             return
-        steps_t = [s["step"] for s in states]
-        torch._foreach_add_(steps_t, 1.0)
-        steps = torch.stack(steps_t).tolist() if len(steps_t) > 1 else [float(steps_t[0].item())]
+        steps = _fused.advance_steps(self, group, [s["step"] for s in states])
         lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
         rest = _fused.group_step(self, group, params, grads, states, names, lrs, steps)
         if not rest:
