@@ -18,7 +18,14 @@ from torch.optim import lr_scheduler as S
 import danlu
 from danlu.grouping import extend_with_lr_scale
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _cases():

@@ -57,7 +57,7 @@ def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
         if saved_id not in mapping:
             raise ValueError(f"the state dict has state for parameter index {saved_id!r}, which no group lists")
         p, group, label = mapping[saved_id]
-        saved_group = saved_groups[opt.param_groups.index(group)]
+        saved_group = saved_groups[next(i for i, g in enumerate(opt.param_groups) if g is group)]
         _check_param_state(opt, p, {**group, **saved_group}, entry, label)
 
 

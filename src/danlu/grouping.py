@@ -146,7 +146,7 @@ def _named(model: nn.Module | Iterable[tuple[str, Tensor]]) -> list[tuple[str, T
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], Tensor)):
             raise TypeError(f"model must be an nn.Module or (name, parameter) pairs, got an element {pair!r:.60}")
-    return [(n, p) for n, p in pairs if p.requires_grad]
+    return pairs
 
 
 def no_decay_parameter_names(
