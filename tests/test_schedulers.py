@@ -58,6 +58,13 @@ SCHEDULERS = {
                                div_factor=4.0, final_div_factor=1.0),
         None,  # compared with the same scheduler on torch.optim.SGD
     ),
+    "MultiStepLR": (lambda o: S.MultiStepLR(o, milestones=[1, 3], gamma=0.5), [1, 0.5, 0.5, 0.25, 0.25, 0.25]),
+    "ExponentialLR": (lambda o: S.ExponentialLR(o, gamma=0.5), [1, 0.5, 0.25, 0.125, 0.0625, 0.03125]),
+    "CosineAnnealingWarmRestarts": (lambda o: S.CosineAnnealingWarmRestarts(o, T_0=2), [1, 0.5, 1, 0.5, 1, 0.5]),
+    "CyclicLR": (
+        lambda o: S.CyclicLR(o, base_lr=0.25, max_lr=1.0, step_size_up=2, cycle_momentum=False),
+        [0.25, 0.625, 1.0, 0.625, 0.25, 0.625],
+    ),
 }
 
 
@@ -112,6 +119,18 @@ def test_reduce_lr_on_plateau(case):
     lrs, deltas = _run(cls, kwargs, lambda o: S.ReduceLROnPlateau(o, factor=0.5, patience=1), plateau_metrics=metrics)
     assert lrs == [1, 1, 1, 1, 0.5, 0.5]
     assert deltas == lrs
+
+
+@pytest.mark.parametrize("cls", [danlu.Adam, danlu.NAdam, danlu.RAdam, danlu.Lion, danlu.AdamW, danlu.Lamb, danlu.SGD, danlu.RMSprop])
+def test_cycle_momentum_finds_betas_or_momentum(cls):
+    opt = cls([("w", torch.nn.Parameter(torch.zeros(2)))], lr=1e-3)
+    sched = S.CyclicLR(opt, base_lr=1e-4, max_lr=1e-3, step_size_up=2)  # cycle_momentum=True
+    key = "betas" if "betas" in opt.defaults else "momentum"
+    first = opt.param_groups[0][key]
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0][key] != first
 
 
 def test_one_cycle_cycles_adam_betas_and_sgd_momentum():

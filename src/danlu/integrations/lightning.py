@@ -41,7 +41,9 @@ class EMAWeightsCallback(Callback):  # type: ignore[misc]
 
     Args:
         bias_correction: passed to ``apply_ema_weights`` (divide the average by ``1 - momentum**t``).
-        validate, test, predict: in which loops to use the EMA weights.
+        validate: use the EMA weights in validation loops (the sanity check excepted).
+        test: use them in test loops.
+        predict: use them in predict loops.
 
     Example:
         >>> import lightning.pytorch as pl
