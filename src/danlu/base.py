@@ -47,7 +47,13 @@ CHUNK_MIN_NUMEL = 1 << 20
 
 
 class DanluOptimizer(DerivationHost):
-    """Base class of danlu's optimizers (see the module docstring for the contract)."""
+    """Base class of danlu's optimizers (see the module docstring for the contract).
+
+    Example:
+        >>> import torch, danlu
+        >>> isinstance(danlu.Adam([torch.nn.Parameter(torch.zeros(1))]), danlu.DanluOptimizer)
+        True
+    """
 
     supports_sparse: ClassVar[bool] = False
 
