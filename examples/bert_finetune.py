@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TinyBert, accuracy, token_task  # noqa: E402
+from _common import TinyBert, accuracy, token_task
 
-import danlu  # noqa: E402
+import danlu
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

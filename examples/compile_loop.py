@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         losses.append(loss.item())
         if step == 0:
             print(f"first step (compiles): {time.perf_counter() - start:.1f}s")
-    with opt.ema_weights():
-        with torch.no_grad():
-            x = torch.randn(256, 16, generator=gen)
-            ema_loss = nn.functional.mse_loss(model(x), x @ w).item()
+    with opt.ema_weights(), torch.no_grad():
+        x = torch.randn(256, 16, generator=gen)
+        ema_loss = nn.functional.mse_loss(model(x), x @ w).item()
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; EMA weights {ema_loss:.3f}; {time.perf_counter() - start:.1f}s total")
     return {"first_loss": losses[0], "last_loss": losses[-1], "ema_loss": ema_loss}
 

@@ -22,9 +22,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import token_task  # noqa: E402
+from _common import token_task
 
-from danlu.integrations.transformers import EMATrainer, create_optimizer_and_scheduler  # noqa: E402
+from danlu.integrations.transformers import EMATrainer, create_optimizer_and_scheduler
 
 
 class Dataset(torch.utils.data.Dataset):

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in ("adamw", "lamb"):
         for lr in (1e-2, 3e-2, 1e-1, 3e-1):
             if name == "adamw":
-                factory = lambda m, lr=lr: danlu.create_optimizer(m, "adamw", lr=lr, weight_decay_rate=0.01)  # noqa: E731
+                factory = lambda m, lr=lr: danlu.create_optimizer(m, "adamw", lr=lr, weight_decay_rate=0.01)
             else:  # LAMB, with layer-wise lr decay (the two hidden blocks at 0.8 and 0.64 of the head's lr)
-                factory = lambda m, lr=lr: build_optimizer(  # noqa: E731
+                factory = lambda m, lr=lr: build_optimizer(
                     m, "lamb", lr=lr, weight_decay_rate=0.01, layer_decay=args.layer_decay,
                     layer_id={r"^[01]\.": 0, r"^3\.": 1},
                 )

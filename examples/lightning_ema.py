@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TinyBert, token_task  # noqa: E402
+from _common import TinyBert, token_task
 
-import danlu  # noqa: E402
-from danlu.integrations.lightning import EMAWeightsCallback  # noqa: E402
+import danlu
+from danlu.integrations.lightning import EMAWeightsCallback
 
 
 class Classifier(pl.LightningModule):

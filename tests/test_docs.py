@@ -29,7 +29,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     blocks = _python_blocks("quickstart.md")
     assert len(blocks) >= 5
     for block in blocks:
-        exec(compile(block, "quickstart.md", "exec"), namespace)  # noqa: S102 - our own docs
+        exec(compile(block, "quickstart.md", "exec"), namespace)
     assert namespace["opt"].param_groups[0]["applied_steps"] == 8
     assert (tmp_path / "model-ema.pt").is_file() and (tmp_path / "ckpt.pt").is_file()
 
@@ -40,7 +40,7 @@ def test_migration_recipe_runs():
     block = _python_blocks("migration.md")[-1].replace("\n...\n", "\n" + train)
     model = torch.nn.Linear(3, 2)
     namespace = {"model": model}
-    exec(compile(block.replace('"best.pt"', "__import__('io').BytesIO()"), "migration.md", "exec"), namespace)  # noqa: S102
+    exec(compile(block.replace('"best.pt"', "__import__('io').BytesIO()"), "migration.md", "exec"), namespace)
     assert type(namespace["optimizer"]).__name__ == "AdamEMAG"
 
 
@@ -92,3 +92,14 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "site" / "migration" / "index.html").is_file()
+
+
+def test_version_changelog_and_package_agree():
+    import tomllib
+
+    import danlu
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert danlu.__version__ == version
+    first = re.search(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    assert first is not None and first.group(1) == version

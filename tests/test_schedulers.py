@@ -19,7 +19,6 @@ import danlu
 from danlu.grouping import extend_with_lr_scale
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     previous = torch.get_default_dtype()

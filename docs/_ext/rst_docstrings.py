@@ -92,7 +92,7 @@ def _resolve(obj: griffe.Object, target: str) -> str:
     """A full path for a role's target: danlu's public names, else relative to the class or module."""
     if target.startswith("danlu"):
         return target
-    if target.split(".")[0] in _TOP:
+    if target.split(".", maxsplit=1)[0] in _TOP:
         return f"danlu.{target}"
     if target.startswith(("torch", "re.", "optax")):
         return target

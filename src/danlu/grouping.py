@@ -192,9 +192,7 @@ def no_decay_parameter_names(
             keys = set(listed())
             names.update(n for n, _ in pairs if n in keys or any(n.startswith(f"{k}.") for k in keys))
     for name, p in pairs:
-        if (bias and name.endswith("bias")) or (one_dimensional and p.dim() < 2):
-            names.add(name)
-        elif checked and any(re.search(pattern, name) for pattern in checked):
+        if (bias and name.endswith("bias")) or (one_dimensional and p.dim() < 2) or (checked and any(re.search(pattern, name) for pattern in checked)):
             names.add(name)
     return names & {n for n, _ in pairs}
 

@@ -16,22 +16,27 @@ batch: use it or ``extend_with_gradient_accumulation``, not both. Works with ``l
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from danlu.integrations import ema_ready, unwrap_optimizer
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover - depends on what is installed
-    try:
-        from pytorch_lightning import Callback  # type: ignore[no-redef]
-    except ImportError as error:
-        raise ImportError("danlu.integrations.lightning needs lightning: pip install lightning") from error
+
+def _lightning() -> Any:
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("danlu.integrations.lightning needs lightning: pip install lightning")
+
+
+Callback: Any = _lightning().Callback
 
 __all__ = ["EMAWeightsCallback"]
 
 
-class EMAWeightsCallback(Callback):  # type: ignore[misc]
+class EMAWeightsCallback(Callback):
     """Validate, test and predict with the EMA weights of the trainer's danlu optimizers.
 
     Before each validation (and test, and predict) loop, every optimizer of the trainer that has

@@ -54,8 +54,8 @@ def _root_parameters(spec: str) -> set[str]:
 
     base, _ = parse_spec(spec)
     cls, _ = _resolve_base(base)
-    root = getattr(cls, "_danlu_root", cls)
-    return set(inspect.signature(root.__init__).parameters)
+    root: type = getattr(cls, "_danlu_root", cls)
+    return set(inspect.signature(root).parameters)
 
 
 def optimizer_kwargs_from_args(args: Any, spec: str = "adamw") -> dict[str, Any]:
