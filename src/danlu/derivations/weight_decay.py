@@ -71,7 +71,7 @@ class WeightDecay(Derivation):
         lrs: list[float],
     ) -> None:
         rate = group["weight_decay_rate"]
-        if len(set(lrs)) == 1 and len({(u.device, u.dtype) for u in updates + olds}) == 1:
+        if len(set(lrs)) == 1 and len({(t.device, t.dtype) for t in [*updates, *olds]}) == 1:
             torch._foreach_add_(updates, olds, alpha=-lrs[0] * rate)
             return
         for u, p, lr in zip(updates, olds, lrs):
