@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from danlu._params import normalize_group
-from danlu._state import check_state_dict, keep_state_dtypes
+from danlu._state import check_state_dict, keep_state_dtypes, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
 
 __all__ = ["DerivationHost"]
@@ -65,10 +65,18 @@ class DerivationHost(torch.optim.Optimizer):
         """Load a state dict after checking that it fits (a ``ValueError`` says what does not; nothing changes).
 
         Unlike ``torch.optim``, the dtypes of the saved state are kept (torch casts floating-point
-        state to the parameter dtype), so float32 state of bf16 parameters stays float32.
+        state to the parameter dtype), so float32 state of bf16 parameters stays float32. The
+        derivations' entries are set aside while the base optimizer loads its own, so that a base
+        which inspects its state on load sees only what it wrote.
         """
         check_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        base_part = {
+            **state_dict,
+            "state": {pid: {k: v for k, v in entry.items() if k not in keys} for pid, entry in state_dict["state"].items()},
+        }
+        super().load_state_dict(base_part)
+        restore_derivation_state(self, state_dict, keys)
         keep_state_dtypes(self, state_dict)
         self.__dict__.pop("_danlu_name_cache", None)
         self.__dict__.pop("_danlu_fused_plans", None)  # danlu._fused caches pointers to the state tensors

@@ -21,7 +21,7 @@ from danlu.derivations._base import APPLIED_STEPS
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
-__all__ = ["check_state_dict", "keep_state_dtypes", "saved_params"]
+__all__ = ["check_state_dict", "keep_state_dtypes", "restore_derivation_state", "saved_params"]
 
 _COUNTERS = (APPLIED_STEPS, "calls")
 
@@ -57,7 +57,7 @@ def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
         if saved_id not in mapping:
             raise ValueError(f"the state dict has state for parameter index {saved_id!r}, which no group lists")
         p, group, label = mapping[saved_id]
-        saved_group = saved_groups[opt.param_groups.index(group)]
+        saved_group = saved_groups[next(i for i, g in enumerate(opt.param_groups) if g is group)]
         _check_param_state(opt, p, {**group, **saved_group}, entry, label)
 
 
@@ -79,7 +79,8 @@ def _check_group_options(opt: DerivationHost, index: int, saved: Mapping[str, An
     from danlu.base import DanluOptimizer
 
     if isinstance(opt, DanluOptimizer):
-        algorithm = [k for k in opt.defaults if k not in _derivation_keys()]
+        # "differentiable" is added to defaults by torch's __setstate__ (every load_state_dict), not by danlu
+        algorithm = [k for k in opt.defaults if k not in _derivation_keys() and k != "differentiable"]
         missing = [k for k in algorithm if k not in saved]
         if missing:
             raise ValueError(
@@ -105,7 +106,8 @@ def _check_param_state(
     template = _base_template(opt, p, group)
     if template is not None:
         base_keys = {k for k in entry if k not in ours}
-        if entry and base_keys != set(template):
+        never_stepped = not base_keys and group.get(APPLIED_STEPS, 0) == 0
+        if entry and not never_stepped and base_keys != set(template):
             missing = sorted(set(template) - base_keys)
             extra = sorted(base_keys - set(template))
             what = f"lacks {missing}" if missing else f"has unexpected {extra}"
@@ -137,6 +139,16 @@ def _base_template(opt: DerivationHost, p: Tensor, group: Mapping[str, Any]) -> 
     meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
     opt._init_state(meta, template, group)
     return {k: tuple(v.shape) for k, v in template.items() if isinstance(v, Tensor)}
+
+
+def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any], keys: set[str]) -> None:
+    """Copy the derivations' saved entries into ``opt.state``, on each parameter's device, dtypes kept."""
+    mapping = saved_params(opt, state_dict)
+    for saved_id, entry in state_dict["state"].items():
+        p = mapping[saved_id][0]
+        for key, value in entry.items():
+            if key in keys:
+                opt.state[p][key] = value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
 
 
 def keep_state_dtypes(opt: DerivationHost, state_dict: Mapping[str, Any]) -> None:

@@ -28,6 +28,13 @@ class WeightDecay(Derivation):
     ``torch.optim.AdamW``.
 
     Keyword arguments: ``weight_decay_rate=0.01`` (>= 0), ``exclude_from_weight_decay=()``.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = danlu.extend_with_weight_decay(danlu.SGD)([("w", w)], lr=0.5, weight_decay_rate=0.1)
+        >>> w.grad = torch.zeros(1); _ = opt.step(); round(w.item(), 6)   # 1 - 0.5 * 0.1 * 1
+        0.95
     """
 
     name = "weight_decay"
@@ -64,7 +71,7 @@ class WeightDecay(Derivation):
         lrs: list[float],
     ) -> None:
         rate = group["weight_decay_rate"]
-        if len(set(lrs)) == 1 and len({(u.device, u.dtype) for u in updates + olds}) == 1:
+        if len(set(lrs)) == 1 and len({(t.device, t.dtype) for t in [*updates, *olds]}) == 1:
             torch._foreach_add_(updates, olds, alpha=-lrs[0] * rate)
             return
         for u, p, lr in zip(updates, olds, lrs):
