@@ -161,9 +161,14 @@ def native_kind(opt: Any, group: dict[str, Any]) -> str:
     """'native' if this group's tensors may take the native kernels, else 'foreach' or 'reference'."""
     if group.get("foreach") is False:
         return "reference"
-    if group.get("foreach") is True or spec_for(opt) is None or _native.load() is None:
-        return "foreach"
+    if group.get("foreach") is True or spec_for(opt) is None or _is_compiling() or _native.load() is None:
+        return "foreach"  # under torch.compile the traced torch ops are what the compiler wants
     return "native"
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _dense_like(t: Tensor | None, p: Tensor) -> bool:

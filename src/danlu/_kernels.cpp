@@ -539,7 +539,25 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
 
 extern "C" {
 
-int danlu_abi_version() { return 3; }
+int danlu_abi_version() { return 4; }
+
+// A STREAM-like bandwidth probe with Adam's access pattern: reads a, b, c, d and writes a, c, d
+// (7 transfers per element); s = 0 leaves the values as they are.
+void danlu_probe(int64_t nt, const int64_t* numel, void* const* ptrs, double s) {
+  for (int64_t i = 0; i < nt; ++i) {
+    float* a = static_cast<float*>(ptrs[4 * i]);
+    const float* b = static_cast<const float*>(ptrs[4 * i + 1]);
+    float* c = static_cast<float*>(ptrs[4 * i + 2]);
+    float* d = static_cast<float*>(ptrs[4 * i + 3]);
+    const float f = float(s);
+    for (int64_t j = 0; j < numel[i]; ++j) {
+      const float x = b[j] * f;
+      a[j] = a[j] + x;
+      c[j] = c[j] + x;
+      d[j] = d[j] + x;
+    }
+  }
+}
 
 // Step counters: add 1 to each float32 scalar and report the new values.
 void danlu_increment(int64_t n, void* const* ptrs, double* out) {

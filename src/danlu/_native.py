@@ -31,7 +31,7 @@ import torch
 __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -106,6 +106,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.danlu_elementwise.argtypes = [
         ctypes.c_int, ctypes.c_int, ctypes.c_int64, i64p, vpp, dp, ip, ctypes.c_int, ctypes.c_int, dp,
     ]
+    lib.danlu_probe.restype = None
+    lib.danlu_probe.argtypes = [ctypes.c_int64, i64p, vpp, ctypes.c_double]
     lib.danlu_increment.restype = None
     lib.danlu_increment.argtypes = [ctypes.c_int64, vpp, dp]
     lib.danlu_adafactor.restype = ctypes.c_int
