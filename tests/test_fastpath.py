@@ -246,3 +246,24 @@ def test_subclass_overriding_the_reference_keeps_the_generic_path():
     assert _fused.spec_for(Doubled([torch.nn.Parameter(torch.zeros(2))])) is None
     assert _fused.spec_for(D.LazyAdam([torch.nn.Parameter(torch.zeros(2))])) is None
     assert _fused.spec_for(D.Lamb([torch.nn.Parameter(torch.zeros(2))])) is not None
+
+
+TORCH_FUSED_STACKS = [s for s in STACKS if s[0] in ("plain", "wd", "lookahead", "ema_then_lookahead", "accum", "accum_wd_piecewise", "paramwise_wd", "lazy", "everything")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("stack", TORCH_FUSED_STACKS, ids=[s[0] for s in TORCH_FUSED_STACKS])
+@pytest.mark.parametrize("opt_case", [o for o in OPTIMIZERS if o[0].startswith("adam")], ids=lambda o: o[0])
+def test_torch_fused_adam_path_equals_reference(opt_case, stack, dtype):
+    """Without the native library (and on CUDA) Adam stacks run torch._fused_adamw_; same numbers."""
+    _, base, base_kw = opt_case
+    _, derivations, stack_kw = stack
+    _native.disable()
+    try:
+        before = _fused.STATS["torch_fused_tensors"]
+        _, native_tensors = _run_pair(_stack(base, derivations), {**base_kw, **stack_kw}, dtype)
+        assert native_tensors == 0
+        if stack[0] != "paramwise_wd":  # every tensor there has a parameter-wise lr: the generic path
+            assert _fused.STATS["torch_fused_tensors"] > before
+    finally:
+        _native.enable()

@@ -56,7 +56,7 @@ __all__ = ["group_step", "defer_mean", "native_kind", "FUSED_AFTER", "PENDING_ME
 
 FUSED_AFTER = "_danlu_fused_after"
 """Instance attribute: {(derivation index, id(group)): ids of the parameters whose after_step is done}."""
-STATS = {"native_tensors": 0}
+STATS = {"native_tensors": 0, "torch_fused_tensors": 0}
 """How many tensor updates the native kernels have done in this process (for tests and the benchmark)."""
 PENDING_MEAN = "_danlu_pending_mean"
 """Instance attribute: {id(p): (accumulation buffer, steps)} for means deferred to the kernel."""
@@ -420,9 +420,28 @@ def group_step(
     lrs: list[float],
     steps: list[float],
 ) -> list[int]:
-    """Run what the native kernels can take; return the indices left to the generic path."""
-    if native_kind(opt, group) != "native":
+    """Run what the native kernels (or torch's fused Adam) can take; return the indices left to the generic path."""
+    kind = native_kind(opt, group)
+    if kind != "native":
+        if kind == "foreach" and _torch_fused_allowed(opt, group):
+            return _torch_fused_adam(opt, group, params, grads, states, names, lrs, steps, list(range(len(params))))
         return list(range(len(params)))
+    rest = _native_group_step(opt, group, params, grads, states, names, lrs, steps)
+    if rest and _torch_fused_allowed(opt, group):  # CUDA tensors of an Adam stack
+        return _torch_fused_adam(opt, group, params, grads, states, names, lrs, steps, rest)
+    return rest
+
+
+def _native_group_step(
+    opt: DanluOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    names: list[str | None],
+    lrs: list[float],
+    steps: list[float],
+) -> list[int]:
     spec = spec_for(opt)
     assert spec is not None
     if spec.alg in (-1, 5):  # Adafactor and NAdam assemble their coefficients tensor by tensor
@@ -436,6 +455,79 @@ def group_step(
         return _generic_group_step(opt, group, params, grads, states, names, lrs, steps)
     plan.run(opt, group, spec, params, grads, states, lrs, steps)
     return plan.rest
+
+
+def _torch_fused_allowed(opt: Any, group: dict[str, Any]) -> bool:
+    """torch's fused Adam kernels take Adam stacks whose transforms are at most decoupled weight decay."""
+    spec = spec_for(opt)
+    if spec is None or spec.alg != 4 or group.get("foreach") is not None or _is_compiling():
+        return False
+    if not hasattr(torch, "_fused_adamw_"):
+        return False
+    return all(isinstance(d, (WeightDecay, PiecewiseLinearLR, GradientAccumulation, Lookahead, ExponentialMovingAverage,
+                              LazyOptimization, ParameterWiseLR))
+               for d in opt._danlu_derivations)
+
+
+def _torch_fused_adam(
+    opt: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    names: list[str | None],
+    lrs: list[float],
+    steps: list[float],
+    indices: list[int],
+) -> list[int]:
+    """Adam / AdamW through ``torch._fused_adamw_`` (CUDA, or a CPU without the native library).
+
+    The math is the same: bert4keras' Adam puts eps outside sqrt(v_hat) as torch does, and the
+    decoupled decay ``p - lr_t * rate * p_old`` is torch's AdamW decay. ``bias_correction=False`` runs
+    the kernel with step counters at +inf (``beta ** inf == 0``). The step counters danlu keeps (float32
+    scalars, already advanced; the kernel does not advance them) are handed over as device copies. Lookahead and EMA run after
+    it in their own passes; parameters selected by layer adaptation, lazy optimization or a parameter-
+    wise lr stay on the generic path.
+    """
+    beta1, beta2 = group["betas"]
+    wd = next((d for d in opt._danlu_derivations if isinstance(d, WeightDecay)), None)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    rest: list[int] = []
+    for i in indices:
+        p, grad, state, name = params[i], grads[i], states[i], names[i]
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        ok = (p.dtype in _DTYPES and p.layout is torch.strided and _dense_like(grad, p) and _dense_like(m, p)
+              and _dense_like(v, p) and not _lazy_selects(opt, group, name)
+              and not any(isinstance(d, ParameterWiseLR) and d.selects(group, name) for d in opt._danlu_derivations))
+        if not ok:
+            rest.append(i)
+            continue
+        rate = group["weight_decay_rate"] if wd is not None and wd.selects(group, name) else 0.0
+        buckets.setdefault((p.device, p.dtype, rate, lrs[i]), []).append(i)
+    for (device, _, rate, lr), members in buckets.items():
+        ps = [params[i] for i in members]
+        if group["bias_correction"]:
+            step_values = [steps[i] for i in members]
+        else:
+            step_values = [math.inf] * len(members)
+        step_t = list(torch.tensor(step_values, dtype=torch.float32, device=device).unbind())
+        torch._fused_adamw_(
+            ps,
+            [grads[i] for i in members],
+            [states[i]["exp_avg"] for i in members],
+            [states[i]["exp_avg_sq"] for i in members],
+            [],
+            step_t,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=rate,
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
+        STATS["torch_fused_tensors"] += len(ps)
+    return rest
 
 
 def _group_signature(group: dict[str, Any]) -> tuple[Any, ...]:
