@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -152,9 +153,86 @@ inline void adam_moments(const double* c, int64_t n, const T* g, T* m, T* v) {
   }
 }
 
+// Adam's common case (no accumulation, Lookahead sync or EMA in this pass) as one loop per element:
+// the staged blocks cost compute that shows when the data sit in cache.
+template <typename T, bool SMALL>
+void adam_direct_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m,
+                      T* __restrict v) {
+  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
+  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T gj = g[j], mo = m[j];
+    const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
+    const T vj = v[j] * b2 + omb2 * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    const T u = mj / (std::sqrt(vj) / bc2 + eps) * k;
+    const T pj = p[j];
+    p[j] = pj + (A * u + B * pj);
+  }
+}
+
+// layer adaptation's two passes over Adam, each one loop: the norms (advancing m and v), then the write
+template <typename T, bool SMALL>
+void adam_norm_loop(const double* c, int64_t n, const T* __restrict p, const T* __restrict g, T* __restrict m,
+                    T* __restrict v, double* red) {
+  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
+  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
+  double sd = 0, sp = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += BS) {  // partial sums per block in T, totals in double
+    const int64_t e = std::min(n, b0 + BS);
+    T bd = 0, bp = 0;
+#pragma omp simd reduction(+ : bd, bp)
+    for (int64_t j = b0; j < e; ++j) {
+      const T gj = g[j], mo = m[j];
+      const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
+      const T vj = v[j] * b2 + omb2 * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      const T d = A * (mj / (std::sqrt(vj) / bc2 + eps) * k) + B * p[j];
+      bd += d * d;
+      bp += p[j] * p[j];
+    }
+    sd += double(bd);
+    sp += double(bp);
+  }
+  red[0] += sd;
+  red[1] += sp;
+}
+
+template <typename T>
+void adam_apply_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict m, const T* __restrict v) {
+  const T bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]), A = T(c[10]), B = T(c[11]);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T pj = p[j];
+    p[j] = pj + (A * (m[j] / (std::sqrt(v[j]) / bc2 + eps) * k) + B * pj);
+  }
+}
+
+template <typename T>
+void adam_direct(const double* c, int64_t n, T* p, const T* g, T* m, T* v) {
+  if (std::abs(T(c[0])) < T(0.5)) {
+    adam_direct_loop<T, true>(c, n, p, g, m, v);
+  } else {
+    adam_direct_loop<T, false>(c, n, p, g, m, v);
+  }
+}
+
 template <typename T>
 struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
   static constexpr bool RECOMP = true;
+  static constexpr bool DIRECT = true;
+  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) { adam_direct(c, n, p, g, s0, s1); }
+  static void direct_norm(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*, double* red) {
+    if (std::abs(T(c[0])) < T(0.5)) {
+      adam_norm_loop<T, true>(c, n, p, g, s0, s1, red);
+    } else {
+      adam_norm_loop<T, false>(c, n, p, g, s0, s1, red);
+    }
+  }
+  static void direct_apply(const double* c, int64_t n, T* p, const T*, T* s0, T* s1, T*) { adam_apply_loop(c, n, p, s0, s1); }
   static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
     adam_moments(c, n, g, s0, s1);
     recompute(c, n, g, s0, s1, nullptr, u);
@@ -255,11 +333,31 @@ inline void* off(void* base, int64_t i, size_t size) {
 
 // ------------------------------------------------------------------ elementwise driver
 
+template <class A, class = void>
+struct has_direct : std::false_type {};
+template <class A>
+struct has_direct<A, std::void_t<decltype(A::DIRECT)>> : std::true_type {};
+
 template <typename T, template <typename> class Alg>
 void run_range(const double* c, int mode, int phase, void* const* slots, int64_t begin, int64_t end, double* red) {
   alignas(64) T gb[BS], u[BS], t0[BS], t1[BS], t2[BS];
   T* p0 = static_cast<T*>(slots[0]);
   T* g0 = static_cast<T*>(slots[1]);
+  if constexpr (has_direct<Alg<T>>::value) {
+    auto at = [&](int k) { return slots[k] ? static_cast<T*>(slots[k]) + begin : nullptr; };
+    if (phase == PH_FULL && mode == 0) {
+      Alg<T>::direct(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4));
+      return;
+    }
+    if (phase == PH_NORM && mode == 0) {
+      Alg<T>::direct_norm(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), red);
+      return;
+    }
+    if (phase == PH_APPLY && mode == 0) {
+      Alg<T>::direct_apply(c, end - begin, p0 + begin, nullptr, at(2), at(3), at(4));
+      return;
+    }
+  }
   const T kk = T(c[12]);
   for (int64_t b = begin; b < end; b += BS) {
     const int64_t n = std::min(BS, end - b);

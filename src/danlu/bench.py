@@ -370,6 +370,7 @@ class Result:
     median_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     ratio: float | None = None
+    ratio_of_medians: float | None = None
     transfers: float | None = None
     bytes_per_param: float | None = None
     achieved_gbs: float | None = None
@@ -532,6 +533,9 @@ def run(
                 g.copy_(saved)
         medians = {name: statistics.median(ts) for name, ts in timings.items()}
         bandwidth = max(probes[name][1] * n * elem / medians[name] for name in probes)
+        round_bandwidth = [
+            max(probes[name][1] * n * elem / timings[name][r] for name in probes) for r in range(rounds)
+        ]
         bandwidths.append(bandwidth)
         for name in probes:
             probe_rows.setdefault(name, []).append(probes[name][1] * n * elem / medians[name] / 1e9)
@@ -547,11 +551,16 @@ def run(
             result.batch = b_index
             result.reference_s = ref
             result.bandwidth_gbs = bandwidth / 1e9
-            result.ratio = medians[name] / ref if ref else None
+            # paired per round (the machine's load drifts between rounds): the medians of the ratios
+            # to the reference and of the efficiencies against the bandwidth of the same round
+            result.ratio = statistics.median(t / r for t, r in zip(timings[name], timings[REFERENCE])) if ref else None
+            result.ratio_of_medians = medians[name] / ref if ref else None
             result.transfers = impl.transfers(shapes)
             result.bytes_per_param = result.transfers * elem
             result.achieved_gbs = result.bytes_per_param * n / medians[name] / 1e9
-            result.efficiency = result.achieved_gbs * 1e9 / bandwidth
+            result.efficiency = statistics.median(
+                result.bytes_per_param * n / t / bw for t, bw in zip(timings[name], round_bandwidth)
+            )
         if memory:
             for name, opt in opts.items():
                 result = results[name]
@@ -601,10 +610,12 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# danlu bench ({report['machine']['summary']})", ""]
     lines.append(
-        "Median step time over rounds, implementations interleaved round-robin; ratio to torch's fused AdamW of "
-        "the same batch; bytes/param from the traffic model; bandwidth = fastest in-place probe of the same batch; "
-        "efficiency = achieved / measured bandwidth; peak = extra memory allocated during one step, in units of "
-        "the largest parameter tensor."
+        "Median step time over rounds, implementations interleaved round-robin in batches; ratio = median over "
+        "rounds of (step time / torch's fused AdamW step time in the same round); bytes/param from the traffic "
+        "model; GB/s = bytes moved / median time; efficiency = median over rounds of achieved / measured "
+        "bandwidth, the bandwidth being the fastest in-place probe of the same round; peak = extra memory "
+        "allocated during one step, in units of the largest parameter tensor; first step = state creation plus "
+        "kernel build/load or compilation."
     )
     for entry in report["sets"]:
         lines += ["", f"## {entry['set']}: {entry['tensors']} tensors, {entry['parameters'] / 1e6:.1f} M parameters ({entry['dtype']}, scale {entry['scale']})", ""]
@@ -655,7 +666,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``danlu bench`` (shared by the CLI and ``benchmarks/run.py``)."""
     parser.add_argument("--sets", default="bert,many-small,one-big", help="parameter sets: bert, many-small, one-big")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the first dimension of every tensor (0.1 for a quick run)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per implementation (median)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per implementation (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation, compilation)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the machine is shared)")
     parser.add_argument("--only", default="", help="comma-separated substrings of implementation names or algorithms to keep")
