@@ -47,6 +47,12 @@ inline T lerp(T self, T end, T w) {
   return std::abs(w) < T(0.5) ? self + w * (end - self) : end - (end - self) * (T(1) - w);
 }
 
+// lerp with the branch of ATen's formula chosen outside the loop (w is loop-invariant)
+template <bool SMALL, typename T>
+inline T lerp_k(T self, T end, T w, T omw) {
+  return SMALL ? self + w * (end - self) : end - (end - self) * omw;
+}
+
 template <typename T>
 inline T sgn(T x) {
   return T((x > T(0)) - (x < T(0)));
@@ -55,9 +61,35 @@ inline T sgn(T x) {
 // ------------------------------------------------------------------ algorithms
 // update(): advance the state in place and write the update u; recompute(): u from the new state.
 
+template <typename T, bool MOM, bool FIRST, bool NEST>
+void sgd_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict buf) {
+  const T mu = T(c[1]), damp = T(c[2]), nl = T(c[5]), A = T(c[10]), B = T(c[11]);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T gj = g[j];
+    T u;
+    if constexpr (MOM) {
+      const T bj = FIRST ? gj : buf[j] * mu + damp * gj;
+      buf[j] = bj;
+      u = (NEST ? gj + mu * bj : bj) * nl;
+    } else {
+      u = gj * nl;
+    }
+    const T pj = p[j];
+    p[j] = pj + (A * u + B * pj);
+  }
+}
+
 template <typename T>
 struct Sgd {  // c: 0 has momentum, 1 mu, 2 1-dampening, 3 nesterov, 4 first step, 5 -lr
   static constexpr bool RECOMP = true;
+  static constexpr bool DIRECT = true;
+  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T*, T*) {
+    const bool mom = c[0] != 0, first = c[4] != 0, nest = c[3] != 0;
+    if (!mom) return sgd_loop<T, false, false, false>(c, n, p, g, s0);
+    if (first) return nest ? sgd_loop<T, true, true, true>(c, n, p, g, s0) : sgd_loop<T, true, true, false>(c, n, p, g, s0);
+    return nest ? sgd_loop<T, true, false, true>(c, n, p, g, s0) : sgd_loop<T, true, false, false>(c, n, p, g, s0);
+  }
   static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
     const T mu = T(c[1]), damp = T(c[2]), nl = T(c[5]);
     if (c[0] == 0) {
@@ -244,9 +276,45 @@ struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
   }
 };
 
+template <typename T, bool SMALL, int KIND>  // KIND 0: NAdam, 1: RAdam rectified, 2: RAdam not rectified
+void adamlike_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v) {
+  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), c5 = T(c[5]), c6 = T(c[6]);
+  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T gj = g[j];
+    const T mj = lerp_k<SMALL>(m[j], gj, w1, omw1);
+    const T vj = v[j] * b2 + omb2 * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    T u;
+    if constexpr (KIND == 0) {
+      const T denom = std::sqrt(vj) / bc2 + eps;
+      u = gj / denom * c5 + c6 * (mj / denom);
+    } else if constexpr (KIND == 1) {
+      u = mj / (std::sqrt(vj) + eps) * c6;
+    } else {
+      u = mj * c5;
+    }
+    const T pj = p[j];
+    p[j] = pj + (A * u + B * pj);
+  }
+}
+
+template <typename T, int KIND>
+void adamlike(const double* c, int64_t n, T* p, const T* g, T* m, T* v) {
+  if (std::abs(T(c[0])) < T(0.5)) {
+    adamlike_loop<T, true, KIND>(c, n, p, g, m, v);
+  } else {
+    adamlike_loop<T, false, KIND>(c, n, p, g, m, v);
+  }
+}
+
 template <typename T>
 struct Nadam {  // c: 0-4 as Adam, 5 grad coefficient, 6 momentum coefficient
   static constexpr bool RECOMP = true;
+  static constexpr bool DIRECT = true;
+  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) { adamlike<T, 0>(c, n, p, g, s0, s1); }
   static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
     adam_moments(c, n, g, s0, s1);
     recompute(c, n, g, s0, s1, nullptr, u);
@@ -263,6 +331,14 @@ struct Nadam {  // c: 0-4 as Adam, 5 grad coefficient, 6 momentum coefficient
 template <typename T>
 struct Radam {  // c: 0-2 as Adam, 3 rectified, 4 eps, 5 scale, 6 scale * adaptive
   static constexpr bool RECOMP = true;
+  static constexpr bool DIRECT = true;
+  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) {
+    if (c[3] != 0) {
+      adamlike<T, 1>(c, n, p, g, s0, s1);
+    } else {
+      adamlike<T, 2>(c, n, p, g, s0, s1);
+    }
+  }
   static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
     adam_moments(c, n, g, s0, s1);
     recompute(c, n, g, s0, s1, nullptr, u);
@@ -277,9 +353,31 @@ struct Radam {  // c: 0-2 as Adam, 3 rectified, 4 eps, 5 scale, 6 scale * adapti
   }
 };
 
+template <typename T, bool S1, bool S2>
+void lion_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m) {
+  const T w1 = T(c[0]), w2 = T(c[1]), nl = T(c[2]), A = T(c[10]), B = T(c[11]);
+  const T o1 = T(1) - w1, o2 = T(1) - w2;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T gj = g[j], mj = m[j];
+    const T u = sgn(lerp_k<S1>(mj, gj, w1, o1)) * nl;
+    m[j] = lerp_k<S2>(mj, gj, w2, o2);
+    const T pj = p[j];
+    p[j] = pj + (A * u + B * pj);
+  }
+}
+
 template <typename T>
 struct Lion {  // c: 0 1-b1, 1 1-b2, 2 -lr
   static constexpr bool RECOMP = false;
+  static constexpr bool DIRECT = true;
+  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T*, T*) {
+    const bool s1 = std::abs(T(c[0])) < T(0.5), s2 = std::abs(T(c[1])) < T(0.5);
+    if (s1 && s2) return lion_loop<T, true, true>(c, n, p, g, s0);
+    if (s1) return lion_loop<T, true, false>(c, n, p, g, s0);
+    if (s2) return lion_loop<T, false, true>(c, n, p, g, s0);
+    return lion_loop<T, false, false>(c, n, p, g, s0);
+  }
   static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
     const T w1 = T(c[0]), w2 = T(c[1]), nl = T(c[2]);
     for (int64_t j = 0; j < n; ++j) {
@@ -338,6 +436,11 @@ struct has_direct : std::false_type {};
 template <class A>
 struct has_direct<A, std::void_t<decltype(A::DIRECT)>> : std::true_type {};
 
+template <class A, class = void>
+struct has_direct_adapt : std::false_type {};
+template <class A>
+struct has_direct_adapt<A, std::void_t<decltype(&A::direct_norm)>> : std::true_type {};
+
 template <typename T, template <typename> class Alg>
 void run_range(const double* c, int mode, int phase, void* const* slots, int64_t begin, int64_t end, double* red) {
   alignas(64) T gb[BS], u[BS], t0[BS], t1[BS], t2[BS];
@@ -349,13 +452,15 @@ void run_range(const double* c, int mode, int phase, void* const* slots, int64_t
       Alg<T>::direct(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4));
       return;
     }
-    if (phase == PH_NORM && mode == 0) {
-      Alg<T>::direct_norm(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), red);
-      return;
-    }
-    if (phase == PH_APPLY && mode == 0) {
-      Alg<T>::direct_apply(c, end - begin, p0 + begin, nullptr, at(2), at(3), at(4));
-      return;
+    if constexpr (has_direct_adapt<Alg<T>>::value) {
+      if (phase == PH_NORM && mode == 0) {
+        Alg<T>::direct_norm(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), red);
+        return;
+      }
+      if (phase == PH_APPLY && mode == 0) {
+        Alg<T>::direct_apply(c, end - begin, p0 + begin, nullptr, at(2), at(3), at(4));
+        return;
+      }
     }
   }
   const T kk = T(c[12]);
