@@ -706,6 +706,22 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
   const T pre = momentum ? T(1) / clipdiv : T(1);
   const T post = momentum ? (scaled ? pscale * nl : nl) : (scaled ? pscale * nl : nl) / clipdiv;
   const int64_t rows = factored ? n0 : 1, cols = factored ? n1 : n;
+  if (factored && !momentum && mode == 0) {  // the common case as one loop per row
+    const T A = T(c[10]), B = T(c[11]);
+#pragma omp parallel for num_threads(nth) schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const T ai = a1[i];
+      const T* __restrict gg = g + i * cols;
+      T* __restrict pp = p + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        const T u = gg[j] / std::sqrt(ai * cf[j] + eps1) * post;
+        const T pj = pp[j];
+        pp[j] = pj + (A * u + B * pj);
+      }
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(nth) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     alignas(64) T u[BS];
