@@ -7,7 +7,9 @@ later processes load it in milliseconds. Without a compiler, or with ``DANLU_NAT
 optimizer runs its pure-PyTorch path (``torch._foreach_*``), which gives the same results.
 
 Environment:
-    ``DANLU_NATIVE``: ``0`` disables the native kernels; ``1`` (default) builds them when needed.
+    ``DANLU_NATIVE``: ``0`` disables the native kernels; ``1`` (default) builds them at the first step
+    that needs them (seconds, once per machine); ``background`` builds them in a thread and runs the
+    pure-PyTorch path until they are loaded.
     ``DANLU_CACHE_DIR``: where the built library is kept.
     ``CXX``: the compiler (default ``c++``, then ``g++``, then ``clang++``).
 """
@@ -38,7 +40,11 @@ _tried = False
 _error: str | None = None
 _build_seconds: float | None = None
 _load_seconds: float | None = None
-_enabled = os.environ.get("DANLU_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+_setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
+_enabled = _setting not in ("0", "false", "off", "no")
+_background = _setting == "background"
+_thread: threading.Thread | None = None
+_build_lock = threading.Lock()
 
 
 def _compiler() -> str | None:
@@ -118,13 +124,29 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None where it cannot be had (see :func:`status`)."""
-    global _lib, _tried, _error, _build_seconds, _load_seconds
+    """The kernel library, building it on first use; None where it cannot be had (see :func:`status`).
+
+    With ``DANLU_NATIVE=background`` a missing library is built in a background thread and this returns
+    None until it is loaded, so the first steps run the pure-PyTorch path instead of waiting; the switch
+    changes results at the level of rounding, which is why blocking (build once, then cached) is the default.
+    """
+    global _thread
     if _lib is not None or (_tried and _lib is None):
         return _lib if _enabled else None
     if not _enabled:
         return None
-    with _lock:
+    if _background:
+        with _lock:
+            if _thread is None:
+                _thread = threading.Thread(target=_load_blocking, name="danlu-native-build", daemon=True)
+                _thread.start()
+        return _lib
+    return _load_blocking()
+
+
+def _load_blocking() -> ctypes.CDLL | None:
+    global _lib, _tried, _error, _build_seconds, _load_seconds
+    with _lock if not _background else _build_lock:
         if _tried:
             return _lib
         _tried = True
@@ -175,6 +197,7 @@ def status() -> dict[str, object]:
         "error": _error,
         "build_seconds": _build_seconds,
         "load_seconds": _load_seconds,
+        "background": _background,
     }
 
 
