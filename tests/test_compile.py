@@ -19,9 +19,18 @@ def _stack():
 
 def _setup(dtype=torch.float64):
     torch.manual_seed(0)
-    named = [(n, torch.nn.Parameter(torch.randn(s, dtype=dtype))) for n, s in (("a.weight", (6, 5)), ("a.bias", (5,)), ("b.weight", (4,)))]
-    kw = dict(lr=0.05, lr_schedule={0: 0.0, 20: 1.0, 60: 0.1}, grad_accum_steps=2, steps_per_slow_update=5,
-              weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])
+    named = [
+        (n, torch.nn.Parameter(torch.randn(s, dtype=dtype)))
+        for n, s in (("a.weight", (6, 5)), ("a.bias", (5,)), ("b.weight", (4,)))
+    ]
+    kw = dict(
+        lr=0.05,
+        lr_schedule={0: 0.0, 20: 1.0, 60: 0.1},
+        grad_accum_steps=2,
+        steps_per_slow_update=5,
+        weight_decay_rate=0.1,
+        exclude_from_weight_decay=["bias"],
+    )
     return named, kw
 
 

@@ -33,28 +33,66 @@ OPTIMIZERS = [
     ("lion", D.Lion, dict(lr=0.01)),
     ("adafactor", D.Adafactor, dict(lr=0.01, min_dim_size_to_factor=8)),
     ("adafactor_relative_momentum", D.Adafactor, dict(lr=None, beta1=0.9, min_dim_size_to_factor=8)),
-    ("adafactor_noclip_noscale", D.Adafactor, dict(lr=0.01, beta2=0.9, clipping_threshold=None, multiply_by_parameter_scale=False)),
+    (
+        "adafactor_noclip_noscale",
+        D.Adafactor,
+        dict(lr=0.01, beta2=0.9, clipping_threshold=None, multiply_by_parameter_scale=False),
+    ),
     ("adafactor_excluded_scale", D.Adafactor, dict(lr=0.01, exclude_from_parameter_scale=["bias"], min_dim_size_to_factor=8)),
 ]
 
 STACKS = [
     ("plain", [], {}),
     ("wd", [D.extend_with_weight_decay], dict(weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])),
-    ("lamb", [D.extend_with_weight_decay, D.extend_with_layer_adaptation], dict(weight_decay_rate=0.1, exclude_from_layer_adaptation=["norm"])),
+    (
+        "lamb",
+        [D.extend_with_weight_decay, D.extend_with_layer_adaptation],
+        dict(weight_decay_rate=0.1, exclude_from_layer_adaptation=["norm"]),
+    ),
     ("lookahead", [D.extend_with_lookahead], dict(steps_per_slow_update=2, slow_step_size=0.6)),
     ("ema", [D.extend_with_exponential_moving_average], dict(ema_momentum=0.8)),
-    ("ema_then_lookahead", [D.extend_with_exponential_moving_average, D.extend_with_lookahead], dict(steps_per_slow_update=3, ema_momentum=0.7)),
-    ("lookahead_then_ema", [D.extend_with_lookahead, D.extend_with_exponential_moving_average], dict(steps_per_slow_update=3, ema_momentum=0.7)),
+    (
+        "ema_then_lookahead",
+        [D.extend_with_exponential_moving_average, D.extend_with_lookahead],
+        dict(steps_per_slow_update=3, ema_momentum=0.7),
+    ),
+    (
+        "lookahead_then_ema",
+        [D.extend_with_lookahead, D.extend_with_exponential_moving_average],
+        dict(steps_per_slow_update=3, ema_momentum=0.7),
+    ),
     ("accum", [D.extend_with_gradient_accumulation], dict(grad_accum_steps=3)),
-    ("accum_wd_piecewise", [D.extend_with_weight_decay, D.extend_with_piecewise_linear_lr, D.extend_with_gradient_accumulation],
-     dict(grad_accum_steps=2, lr_schedule={2: 1.0, 5: 0.3})),
-    ("paramwise_wd", [D.extend_with_parameter_wise_lr, D.extend_with_weight_decay], dict(paramwise_lr_schedule={"layer.1": 0.5, "w": 2.0})),
-    ("wd_paramwise_layer", [D.extend_with_weight_decay, D.extend_with_layer_adaptation, D.extend_with_parameter_wise_lr],
-     dict(paramwise_lr_schedule={"layer.0": 0.25})),
-    ("lazy", [D.extend_with_lazy_optimization, D.extend_with_lookahead], dict(include_in_lazy_optimization=["emb"], steps_per_slow_update=2)),
-    ("everything", [D.extend_with_weight_decay, D.extend_with_piecewise_linear_lr, D.extend_with_gradient_accumulation,
-                    D.extend_with_lookahead, D.extend_with_exponential_moving_average],
-     dict(grad_accum_steps=2, steps_per_slow_update=2, lr_schedule={0: 0.5, 4: 1.0})),
+    (
+        "accum_wd_piecewise",
+        [D.extend_with_weight_decay, D.extend_with_piecewise_linear_lr, D.extend_with_gradient_accumulation],
+        dict(grad_accum_steps=2, lr_schedule={2: 1.0, 5: 0.3}),
+    ),
+    (
+        "paramwise_wd",
+        [D.extend_with_parameter_wise_lr, D.extend_with_weight_decay],
+        dict(paramwise_lr_schedule={"layer.1": 0.5, "w": 2.0}),
+    ),
+    (
+        "wd_paramwise_layer",
+        [D.extend_with_weight_decay, D.extend_with_layer_adaptation, D.extend_with_parameter_wise_lr],
+        dict(paramwise_lr_schedule={"layer.0": 0.25}),
+    ),
+    (
+        "lazy",
+        [D.extend_with_lazy_optimization, D.extend_with_lookahead],
+        dict(include_in_lazy_optimization=["emb"], steps_per_slow_update=2),
+    ),
+    (
+        "everything",
+        [
+            D.extend_with_weight_decay,
+            D.extend_with_piecewise_linear_lr,
+            D.extend_with_gradient_accumulation,
+            D.extend_with_lookahead,
+            D.extend_with_exponential_moving_average,
+        ],
+        dict(grad_accum_steps=2, steps_per_slow_update=2, lr_schedule={0: 0.5, 4: 1.0}),
+    ),
 ]
 
 SHAPES = [
@@ -90,7 +128,7 @@ def _grads(named, call, dtype):
 
 def _tensors(opt):
     out = {}
-    for i, (p, state) in enumerate(opt.state.items()):
+    for i, state in enumerate(opt.state.values()):
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 out[(i, key)] = value
@@ -148,7 +186,12 @@ def test_fast_path_equals_reference(opt_case, stack, dtype):
 @pytest.mark.parametrize("opt_case", OPTIMIZERS[::3], ids=[o[0] for o in OPTIMIZERS[::3]])
 def test_foreach_path_equals_reference(opt_case):
     _, base, kw = opt_case
-    _, native_tensors = _run_pair(D.extend_with_lookahead(D.extend_with_weight_decay(base)), dict(kw, steps_per_slow_update=2), torch.float64, fast_foreach=True)
+    _, native_tensors = _run_pair(
+        D.extend_with_lookahead(D.extend_with_weight_decay(base)),
+        dict(kw, steps_per_slow_update=2),
+        torch.float64,
+        fast_foreach=True,
+    )
     assert native_tensors == 0
 
 
@@ -206,7 +249,9 @@ def test_non_contiguous_and_mixed_dtypes_take_the_generic_path():
 
 
 def test_resume_is_bit_identical_on_the_fast_path():
-    cls = _stack(D.AdamW, [D.extend_with_gradient_accumulation, D.extend_with_lookahead, D.extend_with_exponential_moving_average])
+    cls = _stack(
+        D.AdamW, [D.extend_with_gradient_accumulation, D.extend_with_lookahead, D.extend_with_exponential_moving_average]
+    )
     kw = dict(lr=0.01, grad_accum_steps=2, steps_per_slow_update=3)
     named_a, a = _make(cls, kw, torch.float32, None)
     for call in range(5):
@@ -248,7 +293,12 @@ def test_subclass_overriding_the_reference_keeps_the_generic_path():
     assert _fused.spec_for(D.Lamb([torch.nn.Parameter(torch.zeros(2))])) is not None
 
 
-TORCH_FUSED_STACKS = [s for s in STACKS if s[0] in ("plain", "wd", "lookahead", "ema_then_lookahead", "accum", "accum_wd_piecewise", "paramwise_wd", "lazy", "everything")]
+TORCH_FUSED_STACKS = [
+    s
+    for s in STACKS
+    if s[0]
+    in ("plain", "wd", "lookahead", "ema_then_lookahead", "accum", "accum_wd_piecewise", "paramwise_wd", "lazy", "everything")
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -65,8 +65,16 @@ M_ACCUM, M_SYNC, M_EMA, M_EMA_FIRST = 1, 2, 4, 8
 PH_FULL, PH_NORM, PH_APPLY, PH_ADAPT = 0, 1, 2, 3
 NSLOT, NCOEF = 8, 20
 _DTYPES = {torch.float32: 0, torch.float64: 1}
-_KNOWN = (WeightDecay, LayerAdaptation, PiecewiseLinearLR, GradientAccumulation, Lookahead, LazyOptimization,
-          ExponentialMovingAverage, ParameterWiseLR)
+_KNOWN = (
+    WeightDecay,
+    LayerAdaptation,
+    PiecewiseLinearLR,
+    GradientAccumulation,
+    Lookahead,
+    LazyOptimization,
+    ExponentialMovingAverage,
+    ParameterWiseLR,
+)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
 
@@ -125,7 +133,15 @@ def _build_specs() -> dict[type, Spec]:
         RMSprop: Spec(
             3,
             _rmsprop_slots,
-            lambda o, g, s, lr, t: [g["alpha"], 1 - g["alpha"], g["eps"], -lr, float(g["centered"]), float(g["momentum"] > 0), g["momentum"]],
+            lambda o, g, s, lr, t: [
+                g["alpha"],
+                1 - g["alpha"],
+                g["eps"],
+                -lr,
+                float(g["centered"]),
+                float(g["momentum"] > 0),
+                g["momentum"],
+            ],
         ),
         Adam: Spec(4, lambda g: ("exp_avg", "exp_avg_sq", None), _adam_coefficients),
         NAdam: Spec(5, lambda g: ("exp_avg", "exp_avg_sq", None), _nadam_coefficients),
@@ -177,11 +193,7 @@ def _dense_like(t: Tensor | None, p: Tensor) -> bool:
 
 def _param_ok(p: Tensor, grad: Tensor | None) -> bool:
     return (
-        p.device.type == "cpu"
-        and p.dtype in _DTYPES
-        and p.layout is torch.strided
-        and p.is_contiguous()
-        and _dense_like(grad, p)
+        p.device.type == "cpu" and p.dtype in _DTYPES and p.layout is torch.strided and p.is_contiguous() and _dense_like(grad, p)
     )
 
 
@@ -368,8 +380,20 @@ def _generic_group_step(
             extra[2] = shadow
         a, b, post = _fold(opt, group, name, lrs[i])
         post_a, post_b = _apply_post(1.0, 0.0, post)  # the transforms after layer adaptation: A -> A M, B -> B M + W
-        full = [*coef, *([0.0] * (10 - len(coef))), a, b, float(accum[1]) if accum else 1.0, alpha, ema_weight,
-                post_a, post_b, lrs[i], 0.0, 0.0]
+        full = [
+            *coef,
+            *([0.0] * (10 - len(coef))),
+            a,
+            b,
+            float(accum[1]) if accum else 1.0,
+            alpha,
+            ema_weight,
+            post_a,
+            post_b,
+            lrs[i],
+            0.0,
+            0.0,
+        ]
         ptrs = [_ptr(t) for t in slots] + [_ptr(t) for t in extra]
         touched = [t for t in (*slots, *extra) if t is not None]
         if _layer_adapted(opt, group, name):
@@ -399,8 +423,10 @@ PLANS = "_danlu_fused_plans"
 def advance_steps(opt: Any, group: dict[str, Any], steps_t: list[Tensor]) -> list[float]:
     """Add 1 to every step counter and return the new values (one native call when it can)."""
     lib = _native.load() if native_kind(opt, group) == "native" else None
-    if lib is not None and len(steps_t) > 1 and all(
-        t.dtype is torch.float32 and t.device.type == "cpu" and t.dim() == 0 for t in steps_t
+    if (
+        lib is not None
+        and len(steps_t) > 1
+        and all(t.dtype is torch.float32 and t.device.type == "cpu" and t.dim() == 0 for t in steps_t)
     ):
         n = len(steps_t)
         out = (ctypes.c_double * n)()
@@ -464,9 +490,21 @@ def _torch_fused_allowed(opt: Any, group: dict[str, Any]) -> bool:
         return False
     if not hasattr(torch, "_fused_adamw_"):
         return False
-    return all(isinstance(d, (WeightDecay, PiecewiseLinearLR, GradientAccumulation, Lookahead, ExponentialMovingAverage,
-                              LazyOptimization, ParameterWiseLR))
-               for d in opt._danlu_derivations)
+    return all(
+        isinstance(
+            d,
+            (
+                WeightDecay,
+                PiecewiseLinearLR,
+                GradientAccumulation,
+                Lookahead,
+                ExponentialMovingAverage,
+                LazyOptimization,
+                ParameterWiseLR,
+            ),
+        )
+        for d in opt._danlu_derivations
+    )
 
 
 def _torch_fused_adam(
@@ -496,9 +534,15 @@ def _torch_fused_adam(
     for i in indices:
         p, grad, state, name = params[i], grads[i], states[i], names[i]
         m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        ok = (p.dtype in _DTYPES and p.layout is torch.strided and _dense_like(grad, p) and _dense_like(m, p)
-              and _dense_like(v, p) and not _lazy_selects(opt, group, name)
-              and not any(isinstance(d, ParameterWiseLR) and d.selects(group, name) for d in opt._danlu_derivations))
+        ok = (
+            p.dtype in _DTYPES
+            and p.layout is torch.strided
+            and _dense_like(grad, p)
+            and _dense_like(m, p)
+            and _dense_like(v, p)
+            and not _lazy_selects(opt, group, name)
+            and not any(isinstance(d, ParameterWiseLR) and d.selects(group, name) for d in opt._danlu_derivations)
+        )
         if not ok:
             rest.append(i)
             continue
@@ -539,8 +583,16 @@ def _group_signature(group: dict[str, Any]) -> tuple[Any, ...]:
 class _Plan:
     """Per-group kernel arguments that do not change from step to step: pointers, sizes, folded transforms."""
 
-    def __init__(self, opt: Any, group: dict[str, Any], spec: Spec, key: Any, params: list[Tensor],
-                 states: list[dict[str, Any]], names: list[str | None]) -> None:
+    def __init__(
+        self,
+        opt: Any,
+        group: dict[str, Any],
+        spec: Spec,
+        key: Any,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        names: list[str | None],
+    ) -> None:
         import numpy as np
 
         self.key = key
@@ -566,8 +618,14 @@ class _Plan:
         self.buffers: list[Tensor | None] = []
         dtype = params[0].dtype if params else None
         for i, (p, state, name) in enumerate(zip(params, states, names)):
-            ok = (p.device.type == "cpu" and p.dtype in _DTYPES and p.dtype == dtype and p.layout is torch.strided
-                  and p.is_contiguous() and not _lazy_selects(opt, group, name))
+            ok = (
+                p.device.type == "cpu"
+                and p.dtype in _DTYPES
+                and p.dtype == dtype
+                and p.layout is torch.strided
+                and p.is_contiguous()
+                and not _lazy_selects(opt, group, name)
+            )
             slots = [state.get(k) if k is not None else None for k in slot_keys]
             ok = ok and all(k is None or _dense_like(t, p) for k, t in zip(slot_keys, slots))
             slow = state.get("lookahead.slow") if self.lookahead else None
@@ -615,19 +673,28 @@ class _Plan:
         self.all_adapted = bool(self.adapted.all())
 
     def valid(self, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-        return [p.data_ptr() for p in self.params] == self.param_ptrs and all(
-            [st.get(k) is t for st, k, t in self.checks]
-        )
+        return [p.data_ptr() for p in self.params] == self.param_ptrs and all([st.get(k) is t for st, k, t in self.checks])
 
     def grads_ok(self, grads: list[Tensor]) -> bool:
         dtype = self.params[0].dtype if self.params else None
         return all(
-            [g.layout is torch.strided and g.dtype is dtype and g.device.type == "cpu" and g.is_contiguous()
-             for g in (grads[i] for i in self.chosen)]
+            [
+                g.layout is torch.strided and g.dtype is dtype and g.device.type == "cpu" and g.is_contiguous()
+                for g in (grads[i] for i in self.chosen)
+            ]
         )
 
-    def run(self, opt: Any, group: dict[str, Any], spec: Spec, params: list[Tensor], grads: list[Tensor],
-            states: list[dict[str, Any]], lrs: list[float], steps: list[float]) -> None:
+    def run(
+        self,
+        opt: Any,
+        group: dict[str, Any],
+        spec: Spec,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+        steps: list[float],
+    ) -> None:
         import numpy as np
 
         n = len(self.chosen)
@@ -657,7 +724,7 @@ class _Plan:
         lr_c = [lrs[i] for i in chosen]
         step_c = [steps[i] for i in chosen]
         if len(set(zip(lr_c, step_c))) == 1:
-            coef[:, : 10] = _padded(spec.coefficients(opt, group, states[chosen[0]], lr_c[0], step_c[0]))
+            coef[:, :10] = _padded(spec.coefficients(opt, group, states[chosen[0]], lr_c[0], step_c[0]))
             lr_col = lr_c[0]
         else:
             cache: dict[tuple[float, float], list[float]] = {}
@@ -697,12 +764,15 @@ class _Plan:
         red = np.zeros(2 * n, dtype=np.float64)
         c = ctypes
         rc = lib.danlu_elementwise(
-            self.dtype, spec.alg, n,
+            self.dtype,
+            spec.alg,
+            n,
             numel.ctypes.data_as(c.POINTER(c.c_int64)),
             ptrs.ctypes.data_as(c.POINTER(c.c_void_p)),
             coef.ctypes.data_as(c.POINTER(c.c_double)),
             modes.ctypes.data_as(c.POINTER(c.c_int)),
-            phase, threads,
+            phase,
+            threads,
             red.ctypes.data_as(c.POINTER(c.c_double)),
         )
         if rc != 0:  # pragma: no cover

@@ -35,16 +35,24 @@ __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
 _ABI = 4
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_error: str | None = None
-_build_seconds: float | None = None
-_load_seconds: float | None = None
 _setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
-_enabled = _setting not in ("0", "false", "off", "no")
 _background = _setting == "background"
-_thread: threading.Thread | None = None
 _build_lock = threading.Lock()
+
+
+class _State:
+    """What this process knows about the library (one instance, module-level)."""
+
+    lib: ctypes.CDLL | None = None
+    tried = False
+    error: str | None = None
+    build_seconds: float | None = None
+    load_seconds: float | None = None
+    enabled = _setting not in ("0", "false", "off", "no")
+    thread: threading.Thread | None = None
+
+
+_S = _State()
 
 
 def _compiler() -> str | None:
@@ -80,7 +88,7 @@ def _cache_dir() -> Path:
 
 def _library_path(compiler: str) -> Path:
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
@@ -96,7 +104,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [compiler, *_flags(), str(_SOURCE), "-o", str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
         os.replace(out, target)
@@ -110,7 +118,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.danlu_abi_version.restype = ctypes.c_int
     lib.danlu_elementwise.restype = ctypes.c_int
     lib.danlu_elementwise.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int64, i64p, vpp, dp, ip, ctypes.c_int, ctypes.c_int, dp,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+        i64p,
+        vpp,
+        dp,
+        ip,
+        ctypes.c_int,
+        ctypes.c_int,
+        dp,
     ]
     lib.danlu_probe.restype = None
     lib.danlu_probe.argtypes = [ctypes.c_int64, i64p, vpp, ctypes.c_double]
@@ -130,26 +147,24 @@ def load() -> ctypes.CDLL | None:
     None until it is loaded, so the first steps run the pure-PyTorch path instead of waiting; the switch
     changes results at the level of rounding, which is why blocking (build once, then cached) is the default.
     """
-    global _thread
-    if _lib is not None or (_tried and _lib is None):
-        return _lib if _enabled else None
-    if not _enabled:
+    if _S.lib is not None or (_S.tried and _S.lib is None):
+        return _S.lib if _S.enabled else None
+    if not _S.enabled:
         return None
     if _background:
         with _lock:
-            if _thread is None:
-                _thread = threading.Thread(target=_load_blocking, name="danlu-native-build", daemon=True)
-                _thread.start()
-        return _lib
+            if _S.thread is None:
+                _S.thread = threading.Thread(target=_load_blocking, name="danlu-native-build", daemon=True)
+                _S.thread.start()
+        return _S.lib
     return _load_blocking()
 
 
 def _load_blocking() -> ctypes.CDLL | None:
-    global _lib, _tried, _error, _build_seconds, _load_seconds
     with _lock if not _background else _build_lock:
-        if _tried:
-            return _lib
-        _tried = True
+        if _S.tried:
+            return _S.lib
+        _S.tried = True
         start = time.perf_counter()
         try:
             if platform.system() != "Linux" and platform.system() != "Darwin":
@@ -170,13 +185,13 @@ def _load_blocking() -> ctypes.CDLL | None:
                         pass
                     if not path.exists():
                         _build(compiler, path)
-                        _build_seconds = time.perf_counter() - start
-            _lib = _bind(ctypes.CDLL(str(path)))
-            _load_seconds = time.perf_counter() - start
+                        _S.build_seconds = time.perf_counter() - start
+            _S.lib = _bind(ctypes.CDLL(str(path)))
+            _S.load_seconds = time.perf_counter() - start
         except Exception as exc:  # any failure leaves the pure-PyTorch path
-            _error = f"{type(exc).__name__}: {exc}"
-            _lib = None
-        return _lib
+            _S.error = f"{type(exc).__name__}: {exc}"
+            _S.lib = None
+        return _S.lib
 
 
 def available() -> bool:
@@ -186,28 +201,26 @@ def available() -> bool:
 
 def build_seconds() -> float | None:
     """Seconds this process spent building the library (None when it was loaded from the cache)."""
-    return _build_seconds
+    return _S.build_seconds
 
 
 def status() -> dict[str, object]:
     """What happened: enabled, loaded, the error if any, build and load seconds."""
     return {
-        "enabled": _enabled,
-        "loaded": _lib is not None,
-        "error": _error,
-        "build_seconds": _build_seconds,
-        "load_seconds": _load_seconds,
+        "enabled": _S.enabled,
+        "loaded": _S.lib is not None,
+        "error": _S.error,
+        "build_seconds": _S.build_seconds,
+        "load_seconds": _S.load_seconds,
         "background": _background,
     }
 
 
 def disable() -> None:
     """Use the pure-PyTorch paths from now on, in this process."""
-    global _enabled
-    _enabled = False
+    _S.enabled = False
 
 
 def enable() -> None:
     """Use the native kernels again (where they load)."""
-    global _enabled
-    _enabled = True
+    _S.enabled = True

@@ -201,7 +201,7 @@ def _t(n: float) -> Callable[[list[tuple[int, ...]]], float]:
 LR = 1e-6  # small: parameters stay put over hundreds of steps
 
 
-def _plain(named):  # noqa: ANN001, ANN202
+def _plain(named):
     return [p for _, p in named]
 
 
@@ -222,9 +222,7 @@ def danlu_impls() -> list[Impl]:
         Impl("danlu.Ranger", "danlu", "ranger", lambda nm: d.Ranger(nm, lr=LR), _t(7 + 2 / 5)),
         Impl("danlu.Lookahead+AdamW", "danlu", "lookahead+adamw", lambda nm: la_adamw(nm, lr=LR), _t(7 + 2 / 5)),
         Impl("danlu.EMA+AdamW", "danlu", "ema+adamw", lambda nm: ema_adamw(nm, lr=LR), _t(9)),
-        Impl(
-            "danlu.Lookahead+EMA+AdamW", "danlu", "lookahead+ema+adamw", lambda nm: la_ema_adamw(nm, lr=LR), _t(9 + 2 / 5)
-        ),
+        Impl("danlu.Lookahead+EMA+AdamW", "danlu", "lookahead+ema+adamw", lambda nm: la_ema_adamw(nm, lr=LR), _t(9 + 2 / 5)),
         Impl(
             "danlu.Accum2+AdamW",
             "danlu",
@@ -255,7 +253,9 @@ def danlu_impls() -> list[Impl]:
     pure = [
         Impl("danlu.AdamW[foreach]", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, foreach=True), _t(7)),
         Impl("danlu.Lamb[foreach]", "danlu", "lamb", lambda nm: d.Lamb(nm, lr=LR, foreach=True), _t(10)),
-        Impl("danlu.Adafactor[foreach]", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR, foreach=True), adafactor_transfers),
+        Impl(
+            "danlu.Adafactor[foreach]", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR, foreach=True), adafactor_transfers
+        ),
     ]
     return impls + pure
 
@@ -268,7 +268,13 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
         for kind in kinds:
             flag = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}[kind]
             impls.append(
-                Impl(f"torch.{name}[{kind}]", "torch", algorithm, lambda nm, c=cls, f=flag: c(_plain(nm), lr=LR, **kw, **f), _t(transfers))
+                Impl(
+                    f"torch.{name}[{kind}]",
+                    "torch",
+                    algorithm,
+                    lambda nm, c=cls, f=flag: c(_plain(nm), lr=LR, **kw, **f),
+                    _t(transfers),
+                )
             )
 
     variants("AdamW", o.AdamW, "adamw", 7, ("fused", "foreach", "single"), weight_decay=0.01)
@@ -281,9 +287,16 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
     variants("RAdam", o.RAdam, "radam", 7, ("foreach", "single"))
     if hasattr(o, "Adafactor"):
         impls.append(
-            Impl("torch.Adafactor[foreach]", "torch", "adafactor", lambda nm: o.Adafactor(_plain(nm), lr=LR, foreach=True), adafactor_transfers)
+            Impl(
+                "torch.Adafactor[foreach]",
+                "torch",
+                "adafactor",
+                lambda nm: o.Adafactor(_plain(nm), lr=LR, foreach=True),
+                adafactor_transfers,
+            )
         )
     if compile_peers:
+
         def compiled_step(opt: torch.optim.Optimizer) -> None:
             fn = opt.__dict__.get("_bench_compiled")
             if fn is None:
@@ -316,36 +329,74 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
             Impl("timm.Adafactor", "timm", "adafactor", lambda nm: tim.Adafactor(_plain(nm), lr=LR), adafactor_transfers),
             Impl("timm.NAdamW", "timm", "nadam", lambda nm: tim.NAdamW(_plain(nm), lr=LR), _t(7)),
             Impl("timm.RAdam", "timm", "radam", lambda nm: tim.RAdam(_plain(nm), lr=LR), _t(7)),
-            Impl("timm.Lookahead+AdamW", "timm", "lookahead+adamw",
-                 lambda nm: tim.Lookahead(torch.optim.AdamW(_plain(nm), lr=LR, fused=True)), _t(7 + 2 / 5)),
+            Impl(
+                "timm.Lookahead+AdamW",
+                "timm",
+                "lookahead+adamw",
+                lambda nm: tim.Lookahead(torch.optim.AdamW(_plain(nm), lr=LR, fused=True)),
+                _t(7 + 2 / 5),
+            ),
         ]
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not installed"
+    except Exception as exc:
         skipped["timm"] = f"{type(exc).__name__}: {exc}"
     try:
         import pytorch_optimizer as po  # type: ignore[import-not-found]
 
         impls += [
-            Impl("pytorch-optimizer.Lamb", "pytorch-optimizer", "lamb",
-                 lambda nm: po.Lamb(_plain(nm), lr=LR, weight_decay=0.01, foreach=True), _t(10)),
-            Impl("pytorch-optimizer.Lion", "pytorch-optimizer", "lion", lambda nm: po.Lion(_plain(nm), lr=LR, foreach=True), _t(5)),
-            Impl("pytorch-optimizer.AdaFactor", "pytorch-optimizer", "adafactor",
-                 lambda nm: po.AdaFactor(_plain(nm), lr=LR, relative_step=False, betas=(None, 0.999), foreach=True), adafactor_transfers),
-            Impl("pytorch-optimizer.Ranger", "pytorch-optimizer", "ranger",
-                 lambda nm: po.Ranger(_plain(nm), lr=LR, foreach=True, use_gc=False), _t(7 + 2 / 6)),
-            Impl("pytorch-optimizer.RAdam", "pytorch-optimizer", "radam", lambda nm: po.RAdam(_plain(nm), lr=LR, foreach=True), _t(7)),
-            Impl("pytorch-optimizer.NAdam", "pytorch-optimizer", "nadam", lambda nm: po.NAdam(_plain(nm), lr=LR, foreach=True), _t(7)),
+            Impl(
+                "pytorch-optimizer.Lamb",
+                "pytorch-optimizer",
+                "lamb",
+                lambda nm: po.Lamb(_plain(nm), lr=LR, weight_decay=0.01, foreach=True),
+                _t(10),
+            ),
+            Impl(
+                "pytorch-optimizer.Lion", "pytorch-optimizer", "lion", lambda nm: po.Lion(_plain(nm), lr=LR, foreach=True), _t(5)
+            ),
+            Impl(
+                "pytorch-optimizer.AdaFactor",
+                "pytorch-optimizer",
+                "adafactor",
+                lambda nm: po.AdaFactor(_plain(nm), lr=LR, relative_step=False, betas=(None, 0.999), foreach=True),
+                adafactor_transfers,
+            ),
+            Impl(
+                "pytorch-optimizer.Ranger",
+                "pytorch-optimizer",
+                "ranger",
+                lambda nm: po.Ranger(_plain(nm), lr=LR, foreach=True, use_gc=False),
+                _t(7 + 2 / 6),
+            ),
+            Impl(
+                "pytorch-optimizer.RAdam",
+                "pytorch-optimizer",
+                "radam",
+                lambda nm: po.RAdam(_plain(nm), lr=LR, foreach=True),
+                _t(7),
+            ),
+            Impl(
+                "pytorch-optimizer.NAdam",
+                "pytorch-optimizer",
+                "nadam",
+                lambda nm: po.NAdam(_plain(nm), lr=LR, foreach=True),
+                _t(7),
+            ),
         ]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         skipped["pytorch-optimizer"] = f"{type(exc).__name__}: {exc}"
     try:
         from transformers.optimization import Adafactor as HFAdafactor  # type: ignore[import-not-found]
 
         impls.append(
-            Impl("transformers.Adafactor", "transformers", "adafactor",
-                 lambda nm: HFAdafactor(_plain(nm), lr=LR, relative_step=False, scale_parameter=True, warmup_init=False),
-                 adafactor_transfers)
+            Impl(
+                "transformers.Adafactor",
+                "transformers",
+                "adafactor",
+                lambda nm: HFAdafactor(_plain(nm), lr=LR, relative_step=False, scale_parameter=True, warmup_init=False),
+                adafactor_transfers,
+            )
         )
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         skipped["transformers"] = f"{type(exc).__name__}: {exc}"
     try:
         import heavyball  # type: ignore[import-not-found]
@@ -354,7 +405,7 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
             cls = getattr(heavyball, cls_name, None)
             if cls is not None:
                 impls.append(Impl(f"heavyball.{cls_name}", "heavyball", algorithm, lambda nm, c=cls: c(_plain(nm), lr=LR), _t(7)))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         skipped["heavyball"] = f"{type(exc).__name__}: {exc}"
     return impls, skipped
 
@@ -485,12 +536,16 @@ def run(
     bandwidths: list[float] = []
     memory_probes: dict[str, tuple[Callable[[], None], float]] = {}
     probe_rows: dict[str, list[float]] = {}
-    log(f"[{set_name}] {len(params)} tensors, {n / 1e6:.1f} M parameters, {len(others)} implementations in {len(batches)} batches")
+    log(
+        f"[{set_name}] {len(params)} tensors, {n / 1e6:.1f} M parameters, {len(others)} implementations in {len(batches)} batches"
+    )
     for b_index, batch in enumerate(batches):
         members = [torch_ref, *batch]
         opts: dict[str, torch.optim.Optimizer] = {}
         for impl in members:
-            result = results.setdefault(impl.name, Result(impl.name, impl.family, impl.algorithm, calls=impl.calls, note=impl.note))
+            result = results.setdefault(
+                impl.name, Result(impl.name, impl.family, impl.algorithm, calls=impl.calls, note=impl.note)
+            )
             try:
                 for p, g in zip(params, grads):
                     p.grad = g
@@ -506,7 +561,7 @@ def run(
                 if result.first_step_s is None:
                     result.first_step_s = first
                     result.state_bytes_per_param = _state_bytes(opt) / n
-            except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+            except Exception as exc:
                 result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 log(f"  {impl.name}: skipped ({result.error})")
         probes = _probes(params, grads) if b_index == 0 or not memory_probes else memory_probes
@@ -533,14 +588,12 @@ def run(
                 g.copy_(saved)
         medians = {name: statistics.median(ts) for name, ts in timings.items()}
         bandwidth = max(probes[name][1] * n * elem / medians[name] for name in probes)
-        round_bandwidth = [
-            max(probes[name][1] * n * elem / timings[name][r] for name in probes) for r in range(rounds)
-        ]
+        round_bandwidth = [max(probes[name][1] * n * elem / timings[name][r] for name in probes) for r in range(rounds)]
         bandwidths.append(bandwidth)
         for name in probes:
             probe_rows.setdefault(name, []).append(probes[name][1] * n * elem / medians[name] / 1e9)
         ref = medians.get(REFERENCE)
-        for name, opt in opts.items():
+        for name in opts:
             result = results[name]
             if name == REFERENCE and result.median_s is not None and b_index > 0:
                 result.times_s += timings[name]
@@ -573,16 +626,14 @@ def run(
                         _do_step(by_name[name], opt)
                     result.peak_extra_bytes = peak.peak
                     result.peak_extra_tensors = peak.peak / largest
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log(f"  {name}: peak memory not measured ({type(exc).__name__}: {str(exc)[:120]})")
         log(f"  batch {b_index}: fused AdamW {ref * 1e3 if ref else 0:.2f} ms, bandwidth {bandwidth / 1e9:.1f} GB/s")
         for name in opts:
             if name == REFERENCE:
                 continue
             r_ = results[name]
-            log(
-                f"  {name:32s} {r_.median_s * 1e3:9.2f} ms  x{(r_.ratio or 0):5.2f}  eff {(r_.efficiency or 0):4.2f}"
-            )
+            log(f"  {name:32s} {r_.median_s * 1e3:9.2f} ms  x{(r_.ratio or 0):5.2f}  eff {(r_.efficiency or 0):4.2f}")
         del opts
         gc.collect()
         for g, saved in zip(grads, grad_backup):
@@ -618,11 +669,17 @@ def markdown(report: dict[str, Any]) -> str:
         "kernel build/load or compilation."
     )
     for entry in report["sets"]:
-        lines += ["", f"## {entry['set']}: {entry['tensors']} tensors, {entry['parameters'] / 1e6:.1f} M parameters ({entry['dtype']}, scale {entry['scale']})", ""]
+        lines += [
+            "",
+            f"## {entry['set']}: {entry['tensors']} tensors, {entry['parameters'] / 1e6:.1f} M parameters ({entry['dtype']}, scale {entry['scale']})",
+            "",
+        ]
         bw = entry["bandwidth_gbs_per_batch"]
         lines.append(f"Measured bandwidth per batch (GB/s): {', '.join(f'{b:.1f}' for b in bw)}")
         lines.append("")
-        lines.append("| implementation | algorithm | ms/step | x fused AdamW | bytes/param | GB/s | efficiency | state B/param | peak extra (tensors) | first step s |")
+        lines.append(
+            "| implementation | algorithm | ms/step | x fused AdamW | bytes/param | GB/s | efficiency | state B/param | peak extra (tensors) | first step s |"
+        )
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = sorted(entry["results"], key=lambda r: (r["algorithm"], r["median_s"] or 1e9))
         for r in rows:
@@ -665,7 +722,9 @@ def _machine() -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``danlu bench`` (shared by the CLI and ``benchmarks/run.py``)."""
     parser.add_argument("--sets", default="bert,many-small,one-big", help="parameter sets: bert, many-small, one-big")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink the first dimension of every tensor (0.1 for a quick run)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="shrink the first dimension of every tensor (0.1 for a quick run)"
+    )
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per implementation (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation, compilation)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the machine is shared)")
@@ -700,8 +759,15 @@ def main(argv: list[str] | None = None) -> int:
         if set_name not in PARAMETER_SETS:
             parser.error(f"unknown parameter set {set_name!r} (choose from {', '.join(PARAMETER_SETS)})")
         report["sets"].append(
-            run(set_name, impls, scale=args.scale, rounds=args.rounds, warmup=args.warmup, budget_gb=args.budget_gb,
-                memory=not args.no_memory)
+            run(
+                set_name,
+                impls,
+                scale=args.scale,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                budget_gb=args.budget_gb,
+                memory=not args.no_memory,
+            )
         )
     report["machine"]["native"] = _machine()["native"]
     out = Path(args.out)

@@ -28,6 +28,7 @@ and recompile as they change.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ def _piecewise(step: Tensor, schedule: dict[int, float]) -> Tensor:
     if points[0][0] != 0:
         points.insert(0, (0, 0.0))
     value = torch.full_like(step, points[-1][1])
-    for (begin, start), (end, stop) in reversed(list(zip(points, points[1:]))):
+    for (begin, start), (end, stop) in reversed(list(itertools.pairwise(points))):
         slope = (stop - start) / (end - begin)
         value = torch.where(step < end, start + slope * (step - begin), value)
     return torch.where(step < points[0][0], torch.full_like(step, points[0][1]), value)
@@ -133,7 +134,15 @@ class CompiledStep:
 
         if not isinstance(opt, Adam) or type(opt)._update_single is not Adam._update_single:
             raise NotImplementedError(f"compile_step supports danlu.Adam stacks, not {type(opt).__name__}")
-        known = (WeightDecay, LayerAdaptation, PiecewiseLinearLR, GradientAccumulation, Lookahead, ExponentialMovingAverage, ParameterWiseLR)
+        known = (
+            WeightDecay,
+            LayerAdaptation,
+            PiecewiseLinearLR,
+            GradientAccumulation,
+            Lookahead,
+            ExponentialMovingAverage,
+            ParameterWiseLR,
+        )
         for d in opt._danlu_derivations:
             if not isinstance(d, known):
                 raise NotImplementedError(f"compile_step does not support the {d.name} derivation")
