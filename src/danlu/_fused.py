@@ -47,7 +47,7 @@ from danlu.derivations import (
     PiecewiseLinearLR,
     WeightDecay,
 )
-from danlu.derivations._base import APPLIED_STEPS
+from danlu.derivations._base import APPLIED_STEPS, matches_any
 
 if TYPE_CHECKING:
     from danlu.base import DanluOptimizer
@@ -470,8 +470,6 @@ def _native_group_step(
 ) -> list[int]:
     spec = spec_for(opt)
     assert spec is not None
-    if spec.alg in (-1, 5):  # Adafactor and NAdam assemble their coefficients tensor by tensor
-        return _generic_group_step(opt, group, params, grads, states, names, lrs, steps)
     plans = opt.__dict__.setdefault(PLANS, {})
     key = (_group_signature(group), tuple(map(id, params)))
     plan = plans.get(id(group))
@@ -616,6 +614,8 @@ class _Plan:
         folds: list[tuple[float, float, float, float]] = []
         adapted: list[bool] = []
         self.buffers: list[Tensor | None] = []
+        shapes: list[list[int]] = []
+        statics: list[list[float]] = []
         dtype = params[0].dtype if params else None
         for i, (p, state, name) in enumerate(zip(params, states, names)):
             ok = (
@@ -626,8 +626,14 @@ class _Plan:
                 and p.is_contiguous()
                 and not _lazy_selects(opt, group, name)
             )
-            slots = [state.get(k) if k is not None else None for k in slot_keys]
-            ok = ok and all(k is None or _dense_like(t, p) for k, t in zip(slot_keys, slots))
+            if spec.alg == -1:  # Adafactor: its statistics, and the momentum in the accumulation slot
+                entry = _adafactor_slots(group, p, state, name) if ok and not _layer_adapted(opt, group, name) else None
+                ok = entry is not None
+                slot_keys_i, slots, shape, static = entry if entry is not None else ((), [], [], [])
+            else:
+                slot_keys_i = slot_keys
+                slots = [state.get(k) if k is not None else None for k in slot_keys]
+                ok = ok and all(k is None or _dense_like(t, p) for k, t in zip(slot_keys, slots))
             slow = state.get("lookahead.slow") if self.lookahead else None
             ok = ok and (not self.lookahead or _dense_like(slow, p))
             buffer = state.get("accum.grad") if has_accum else None
@@ -645,12 +651,17 @@ class _Plan:
                     self.rest.append(i)
                     continue
             chosen.append(i)
-            for k, t in zip(slot_keys, slots):
+            for k, t in zip(slot_keys_i, slots):
                 if k is not None:
                     checks.append((state, k, t))  # type: ignore[arg-type]
             for k, t in (("lookahead.slow", slow), ("ema.shadow", shadow)):
                 if t is not None:
                     checks.append((state, k, t))
+            if spec.alg == -1:
+                shapes.append(shape)
+                statics.append(static)
+                buffer = slots[3]  # the momentum (or None) rides in the accumulation slot
+                slots = slots[:3]
             self.buffers.append(buffer)
             ptr_rows.append([p.data_ptr(), 0, *[_ptr(t) for t in slots], _ptr(buffer), _ptr(slow), _ptr(shadow)])
             # fold the transforms at lr = 1: A and M do not depend on the lr, B and W are the lr times a constant
@@ -666,7 +677,11 @@ class _Plan:
         self.ids = {id(p) for p in self.params}
         n = len(chosen)
         self.ptrs = np.array(ptr_rows, dtype=np.int64).reshape(n, NSLOT)
-        self.numel = np.array([params[i].numel() for i in chosen], dtype=np.int64)
+        if spec.alg == -1:
+            self.numel = np.array(shapes, dtype=np.int64).reshape(n, 2)
+            self.statics = np.array(statics, dtype=np.float64).reshape(n, 10)
+        else:
+            self.numel = np.array([params[i].numel() for i in chosen], dtype=np.int64)
         self.folds = np.array(folds, dtype=np.float64).reshape(n, 4)
         self.adapted = np.array(adapted, dtype=bool)
         self.has_adapted = bool(self.adapted.any())
@@ -723,7 +738,21 @@ class _Plan:
                 touched_grads.append(grads[i])
         lr_c = [lrs[i] for i in chosen]
         step_c = [steps[i] for i in chosen]
-        if len(set(zip(lr_c, step_c))) == 1:
+        uniform = len(set(zip(lr_c, step_c))) == 1
+        if spec.alg == -1:  # static columns, then beta2 (from the step) and -lr
+            coef[:, :10] = self.statics
+            if group["beta2"] is None:
+                beta2 = 1.0 - np.array(step_c) ** -0.8
+            else:
+                beta2 = np.full(n, float(group["beta2"]))
+            coef[:, 0] = beta2
+            coef[:, 1] = 1 - beta2
+            coef[:, 8] = -np.array(lr_c)
+            lr_col = lr_c[0] if uniform else np.array(lr_c)
+        elif spec.alg == 5:  # NAdam: advance every mu_product in one call, then a row per tensor
+            coef[:, :10] = _nadam_rows(group, [states[i] for i in chosen], lr_c, step_c, uniform)
+            lr_col = lr_c[0] if uniform else np.array(lr_c)
+        elif uniform:
             coef[:, :10] = _padded(spec.coefficients(opt, group, states[chosen[0]], lr_c[0], step_c[0]))
             lr_col = lr_c[0]
         else:
@@ -763,6 +792,19 @@ class _Plan:
             return
         red = np.zeros(2 * n, dtype=np.float64)
         c = ctypes
+        if spec.alg == -1:
+            rc = lib.danlu_adafactor(
+                self.dtype,
+                n,
+                numel.ctypes.data_as(c.POINTER(c.c_int64)),
+                ptrs.ctypes.data_as(c.POINTER(c.c_void_p)),
+                coef.ctypes.data_as(c.POINTER(c.c_double)),
+                modes.ctypes.data_as(c.POINTER(c.c_int)),
+                threads,
+            )
+            if rc != 0:  # pragma: no cover
+                raise RuntimeError(f"danlu native kernel failed ({rc})")
+            return
         rc = lib.danlu_elementwise(
             self.dtype,
             spec.alg,
@@ -777,6 +819,77 @@ class _Plan:
         )
         if rc != 0:  # pragma: no cover
             raise RuntimeError(f"danlu native kernel failed ({rc})")
+
+
+def _nadam_rows(group: dict[str, Any], states: list[dict[str, Any]], lrs: list[float], steps: list[float], uniform: bool) -> Any:
+    """NAdam's coefficients (``NAdam._coefficients``) for many tensors, ``mu_product`` advanced with one foreach call."""
+    import numpy as np
+
+    beta1, beta2 = group["betas"]
+    psi = group["momentum_decay"]
+    products = [s["mu_product"] for s in states]
+    mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in (steps[:1] if uniform else steps)]
+    if uniform:
+        torch._foreach_mul_(products, mus[0])
+    else:
+        torch._foreach_mul_(products, mus)
+    values = torch.stack(products).tolist() if len(products) > 1 else [float(products[0])]
+    rows = np.zeros((len(states), 10))
+    for row, (lr, t, mu_product) in enumerate(zip(lrs, steps, values)):
+        mu = mus[0] if uniform else mus[row]
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+        grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+        momentum_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
+        rows[row, :7] = (1 - beta1, beta2, 1 - beta2, (1 - beta2**t) ** 0.5, group["eps"], grad_coef, momentum_coef)
+    return rows
+
+
+def _adafactor_slots(group: dict[str, Any], p: Tensor, state: dict[str, Any], name: str | None) -> tuple[Any, ...] | None:
+    """(state keys, [axis-1 statistic, axis-0 statistic, v, momentum], [n0, n1], static coefficients) or None."""
+    from danlu.optimizers.adafactor import factored_axes
+
+    axes = factored_axes(tuple(p.shape), group["min_dim_size_to_factor"])
+    if axes is None:
+        v = state.get("exp_avg_sq")
+        if not _dense_like(v, p):
+            return None
+        keys: list[str | None] = [None, None, "exp_avg_sq"]
+        slots: list[Tensor | None] = [None, None, v]
+        shape, row_is_a1 = [p.numel(), 0], 0.0
+    else:
+        if p.dim() != 2:
+            return None
+        largest = axes[0]
+        row, col = state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col")
+        if not (_dense_like(row, p) and _dense_like(col, p)):
+            return None
+        keys = ["exp_avg_sq_row", "exp_avg_sq_col", None] if largest == 1 else ["exp_avg_sq_col", "exp_avg_sq_row", None]
+        slots = [row, col, None] if largest == 1 else [col, row, None]
+        shape, row_is_a1 = list(p.shape), float(largest == 1)
+    m = None
+    if group["beta1"] > 0:
+        m = state.get("exp_avg")
+        if not _dense_like(m, p):
+            return None
+    keys.append("exp_avg" if m is not None else None)
+    slots.append(m)
+    clip = group["clipping_threshold"]
+    scaled = group["multiply_by_parameter_scale"] and not (
+        group["exclude_from_parameter_scale"] and matches_any(tuple(group["exclude_from_parameter_scale"]), name or "")
+    )
+    static = [
+        0.0,
+        0.0,
+        group["eps1"],
+        group["eps2"],
+        float(clip) if clip is not None else 0.0,
+        group["beta1"],
+        1 - group["beta1"],
+        float(scaled),
+        0.0,
+        row_is_a1,
+    ]
+    return keys, slots, shape, static
 
 
 def _padded(coef: list[float]) -> list[float]:
