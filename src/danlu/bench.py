@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["main", "add_arguments", "run", "parameter_set", "TRAFFIC", "PeakMemory"]
+__all__ = ["main", "add_arguments", "run_args", "run", "parameter_set", "TRAFFIC", "PeakMemory"]
 
 REFERENCE = "torch.AdamW[fused]"
 
@@ -742,7 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``danlu bench``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="danlu bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return run_args(parser.parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run the benchmark from options parsed with :func:`add_arguments` (for a CLI subcommand)."""
     torch.set_num_threads(args.threads)
     impls = danlu_impls()
     if not args.no_torch:
@@ -757,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": _machine(), "skipped": skipped, "args": vars(args), "sets": []}
     for set_name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         if set_name not in PARAMETER_SETS:
-            parser.error(f"unknown parameter set {set_name!r} (choose from {', '.join(PARAMETER_SETS)})")
+            print(f"danlu bench: unknown parameter set {set_name!r} (choose from {', '.join(PARAMETER_SETS)})", file=sys.stderr)
+            return 2
         report["sets"].append(
             run(
                 set_name,
