@@ -317,3 +317,23 @@ def test_torch_fused_adam_path_equals_reference(opt_case, stack, dtype):
             assert _fused.STATS["torch_fused_tensors"] > before
     finally:
         _native.enable()
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass (as DTensor is): its memory is not the native kernels' business."""
+
+
+def test_tensor_subclasses_take_the_generic_path():
+    torch.manual_seed(0)
+    data = torch.randn(6, 4, dtype=torch.float64)
+    p = torch.nn.Parameter(data.clone().as_subclass(_Wrapped))
+    q = torch.nn.Parameter(data.clone())
+    fast, ref = D.AdamW([p], lr=0.1), D.AdamW([q], lr=0.1, foreach=False)
+    before = _fused.STATS["native_tensors"] + _fused.STATS["torch_fused_tensors"]
+    for _ in range(3):
+        g = torch.randn(6, 4, dtype=torch.float64)
+        p.grad, q.grad = g.clone().as_subclass(_Wrapped), g.clone()
+        fast.step()
+        ref.step()
+    assert _fused.STATS["native_tensors"] + _fused.STATS["torch_fused_tensors"] == before
+    _compare(torch.Tensor(p.detach()).as_subclass(torch.Tensor), q.detach(), torch.float64, "subclass")

@@ -187,13 +187,29 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _dense_like(t: Tensor | None, p: Tensor) -> bool:
-    return t is not None and t.layout is torch.strided and t.dtype == p.dtype and t.device == p.device and t.is_contiguous()
+    """A plain (not a subclass such as DTensor), dense, contiguous tensor of p's dtype and device."""
+    return (
+        t is not None
+        and type(t) in _PLAIN
+        and t.layout is torch.strided
+        and t.dtype == p.dtype
+        and t.device == p.device
+        and t.is_contiguous()
+    )
 
 
 def _param_ok(p: Tensor, grad: Tensor | None) -> bool:
     return (
-        p.device.type == "cpu" and p.dtype in _DTYPES and p.layout is torch.strided and p.is_contiguous() and _dense_like(grad, p)
+        type(p) in _PLAIN
+        and p.device.type == "cpu"
+        and p.dtype in _DTYPES
+        and p.layout is torch.strided
+        and p.is_contiguous()
+        and _dense_like(grad, p)
     )
 
 
@@ -533,7 +549,8 @@ def _torch_fused_adam(
         p, grad, state, name = params[i], grads[i], states[i], names[i]
         m, v = state.get("exp_avg"), state.get("exp_avg_sq")
         ok = (
-            p.dtype in _DTYPES
+            type(p) in _PLAIN
+            and p.dtype in _DTYPES
             and p.layout is torch.strided
             and _dense_like(grad, p)
             and _dense_like(m, p)
@@ -619,7 +636,8 @@ class _Plan:
         dtype = params[0].dtype if params else None
         for i, (p, state, name) in enumerate(zip(params, states, names)):
             ok = (
-                p.device.type == "cpu"
+                type(p) in _PLAIN
+                and p.device.type == "cpu"
                 and p.dtype in _DTYPES
                 and p.dtype == dtype
                 and p.layout is torch.strided
@@ -694,7 +712,11 @@ class _Plan:
         dtype = self.params[0].dtype if self.params else None
         return all(
             [
-                g.layout is torch.strided and g.dtype is dtype and g.device.type == "cpu" and g.is_contiguous()
+                type(g) in _PLAIN
+                and g.layout is torch.strided
+                and g.dtype is dtype
+                and g.device.type == "cpu"
+                and g.is_contiguous()
                 for g in (grads[i] for i in self.chosen)
             ]
         )
