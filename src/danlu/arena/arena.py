@@ -33,7 +33,8 @@ from danlu.arena.roster import (
     parse_roster,
     sweep_lrs,
 )
-from danlu.arena.runner import RunPlan, build, log_every_for, train_run
+from danlu.arena.runner import RunPlan, log_every_for, train_run
+from danlu.factory import create_optimizer
 from danlu.arena.summary import Row, choose_lr, lr_note, sort_rows, sweep_points
 from danlu.arena.tasks.base import Task
 
@@ -140,16 +141,14 @@ def preflight(config: ArenaConfig) -> None:
     for spec in config.optimizers:
         for lr in config.lrs(spec):
             try:
-                build_optimizer_only(model, spec, lr, config.settings(spec))
+                build_optimizer_only(config.task.optimizer_parameters(model), spec, lr, config.settings(spec))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"optimizer {spec!r} at lr={lr:g}: {exc}") from None
 
 
-def build_optimizer_only(model: torch.nn.Module, spec: str, lr: float, settings: dict[str, Any]) -> None:
+def build_optimizer_only(parameters: Any, spec: str, lr: float, settings: dict[str, Any]) -> None:
     """Construct (and drop) an optimizer, to surface bad settings early."""
-    from danlu.factory import create_optimizer
-
-    create_optimizer(model, spec, lr=lr, **settings)
+    create_optimizer(parameters, spec, lr=lr, **settings)
 
 
 class Arena:

@@ -74,7 +74,7 @@ def build(task: Task, key: RunKey, hyperparameters: dict[str, Any]) -> tuple[nn.
     """A fresh model (seeded) and its optimizer."""
     torch.manual_seed(key.seed)
     model = task.make_model(key.seed)
-    optimizer = create_optimizer(model, key.spec, lr=key.lr, **hyperparameters)
+    optimizer = create_optimizer(task.optimizer_parameters(model), key.spec, lr=key.lr, **hyperparameters)
     return model, optimizer
 
 

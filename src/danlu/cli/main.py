@@ -16,6 +16,7 @@ TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     "batch_size": ("digits", "ner-zh", "sentiment-en"),
     "subset": ("ner-zh", "sentiment-en"),
     "max_len": ("ner-zh", "sentiment-en"),
+    "eval_size": ("ner-zh", "sentiment-en"),
     "head": ("ner-zh",),
     "trainable_layers": ("sentiment-en",),
     "data_dir": ("sentiment-en",),
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=_integer, default=None)
     group.add_argument("--subset", type=_integer, default=None, help="training examples to use (ner-zh, sentiment-en)")
     group.add_argument("--max-len", type=_integer, default=None, help="longest sequence (ner-zh, sentiment-en)")
+    group.add_argument("--eval-size", type=_integer, default=None, metavar="N",
+                       help="validation and test examples (ner-zh, sentiment-en)")
     group.add_argument("--head", default=None, help="ner-zh output layer: softmax (default) or crf")
     group.add_argument("--trainable-layers", type=int, default=None, metavar="N",
                        help="sentiment-en: fine-tune the top N transformer layers (0: only the classifier)")

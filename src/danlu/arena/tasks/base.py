@@ -88,6 +88,10 @@ class Task(abc.ABC):
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         """Loss and metric on ``split`` ("val" or "test"), in eval mode, without gradients."""
 
+    def optimizer_parameters(self, model: nn.Module) -> Any:
+        """What ``create_optimizer`` gets: the model, or the ``(name, parameter)`` pairs to train."""
+        return model
+
     def has_split(self, split: str) -> bool:
         """Whether the task has ``split`` ("val" always; "test" usually)."""
         return True
