@@ -1,7 +1,19 @@
 """danlu: optimizers and derived optimizers for PyTorch."""
 
 from danlu.base import DanluOptimizer
+from danlu.derive import (
+    extend_with_exponential_moving_average,
+    extend_with_gradient_accumulation,
+    extend_with_layer_adaptation,
+    extend_with_lazy_optimization,
+    extend_with_lookahead,
+    extend_with_parameter_wise_lr,
+    extend_with_piecewise_linear_lr,
+    extend_with_weight_decay,
+)
+from danlu.factory import create_optimizer
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.ready import AdamW, Lamb, Ranger
 
 __version__ = "0.1.0"
 
@@ -17,4 +29,16 @@ __all__ = [
     "Adafactor",
     "Lion",
     "LazyAdam",
+    "AdamW",
+    "Lamb",
+    "Ranger",
+    "extend_with_weight_decay",
+    "extend_with_layer_adaptation",
+    "extend_with_piecewise_linear_lr",
+    "extend_with_gradient_accumulation",
+    "extend_with_lookahead",
+    "extend_with_lazy_optimization",
+    "extend_with_exponential_moving_average",
+    "extend_with_parameter_wise_lr",
+    "create_optimizer",
 ]

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from danlu._params import normalize_group
+from danlu._state import check_state_dict, keep_state_dtypes, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
 
 __all__ = ["DerivationHost"]
@@ -59,6 +60,26 @@ class DerivationHost(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the algorithm's hyperparameters of one group (danlu's optimizers override this)."""
 
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking that it fits (a ``ValueError`` says what does not; nothing changes).
+
+        Unlike ``torch.optim``, the dtypes of the saved state are kept (torch casts floating-point
+        state to the parameter dtype), so float32 state of bf16 parameters stays float32. The
+        derivations' entries are set aside while the base optimizer loads its own, so that a base
+        which inspects its state on load sees only what it wrote.
+        """
+        check_state_dict(self, state_dict)
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        base_part = {
+            **state_dict,
+            "state": {pid: {k: v for k, v in entry.items() if k not in keys} for pid, entry in state_dict["state"].items()},
+        }
+        super().load_state_dict(base_part)
+        restore_derivation_state(self, state_dict, keys)
+        keep_state_dtypes(self, state_dict)
+        self.__dict__.pop("_danlu_name_cache", None)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -72,26 +93,30 @@ class DerivationHost(torch.optim.Optimizer):
         if not derivations:
             self._base_step([1.0] * len(self.param_groups))
             return loss
-        applies = all([d.accumulate(self) for d in derivations])
-        for group in self.param_groups:
-            group[CALLS] += 1
-        if not applies:
+        if not all([d.accumulate(self) for d in derivations]):
+            self._count(CALLS)
             return loss
+        failed = True
         try:
             scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
             for derivation in derivations:
                 for group in self.param_groups:
                     derivation.prepare(self, group, group["params"])
             self._base_step(scales)
-            for group in self.param_groups:
-                group[APPLIED_STEPS] += 1
+            self._count(CALLS)
+            self._count(APPLIED_STEPS)
             for derivation in derivations:
                 for group in self.param_groups:
                     derivation.after_step(self, group, group["params"])
+            failed = False
         finally:
             for derivation in derivations:
-                derivation.finish(self)
+                derivation.finish(self, failed)
         return loss
+
+    def _count(self, key: str) -> None:
+        for group in self.param_groups:
+            group[key] += 1
 
     def _check_gradients(self) -> None:
         """Reject gradients the algorithm cannot take, before anything changes."""
@@ -123,7 +148,7 @@ class DerivationHost(torch.optim.Optimizer):
             if not chosen:
                 continue
             if len(chosen) == len(names):
-                derivation.transform(self, group, olds, updates, grads, lrs)
+                derivation.transform(self, group, olds, updates, grads, names, lrs)
             else:
                 derivation.transform(
                     self,
@@ -131,6 +156,7 @@ class DerivationHost(torch.optim.Optimizer):
                     [olds[i] for i in chosen],
                     [updates[i] for i in chosen],
                     [grads[i] for i in chosen],
+                    [names[i] for i in chosen],
                     [lrs[i] for i in chosen],
                 )
 

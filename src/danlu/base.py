@@ -17,10 +17,12 @@ step never holds more than about one tensor's worth of temporaries), passes
 them through the derivations' transforms and adds them to the parameters.
 Nothing is copied that need not be.
 
-State dtype policy: state tensors have the dtype and device of their parameter
-(as in ``torch.optim``); step counters are float32 CPU scalars. Adafactor
-computes in float32 for 16-bit parameters and keeps its factored statistics in
-float32 (they are O(rows + cols)).
+State dtype policy: state tensors live on their parameter's device, in the
+parameter's dtype for float32 and float64 parameters (as in ``torch.optim``) and
+in float32 for bfloat16 and float16 parameters, whose updates are computed in
+float32 and rounded once when written (16-bit moments underflow: Adam's
+``(1 - beta2) * g**2`` and an ``eps`` of 1e-8 are zero in float16). Step
+counters are float32 CPU scalars; ``load_state_dict`` keeps the saved dtypes.
 """
 
 from __future__ import annotations
@@ -119,12 +121,13 @@ class DanluOptimizer(DerivationHost):
         for p, name in zip(group["params"], names_all):
             if p.grad is None:
                 continue
+            compute = compute_dtype(p)
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                self._init_state(p, state, group)
+                self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(p.grad if p.grad.dtype == compute else p.grad.to(compute))
             states.append(state)
             names.append(name)
         if not params:
@@ -162,6 +165,11 @@ class DanluOptimizer(DerivationHost):
         if self._danlu_derivations:
             self._apply_transforms(group, c_params, updates, c_grads, [names[i] for i in chunk], c_lrs)
         _add_updates(c_params, updates)
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of the state and the arithmetic for ``p``: float32 for 16-bit parameters, else its own."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def _add_updates(params: list[Tensor], updates: list[Tensor]) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
-__all__ = ["Derivation", "matches_any", "APPLIED_STEPS", "CALLS"]
+__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "APPLIED_STEPS", "CALLS"]
 
 APPLIED_STEPS = "applied_steps"
 """Param-group key: the number of steps applied so far (buffering calls excluded)."""
@@ -56,7 +56,11 @@ class Derivation:
     """Options that match parameter names: they need an optimizer built from named parameters."""
     state_keys: ClassVar[tuple[str, ...]] = ()
     """Namespaced keys of the parameter-shaped tensors this derivation keeps in ``state[p]``."""
+    required_state: ClassVar[tuple[str, ...]] = ()
+    """State keys every parameter of a group has once the group applied a step."""
     has_transform: ClassVar[bool] = False
+    methods: ClassVar[dict[str, Any]] = {}
+    """Methods added to the derived class (``apply_ema_weights`` ...)."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check the options (a param group or the constructor's keywords); return them normalized."""
@@ -87,19 +91,28 @@ class Derivation:
         olds: list[Tensor],
         updates: list[Tensor],
         grads: list[Tensor],
+        names: list[str | None],
         lrs: list[float],
     ) -> None:
-        """Rewrite ``updates`` in place; ``olds`` are the parameters before the step."""
+        """Rewrite ``updates`` in place; ``olds`` are the parameters before the step, ``lrs`` each tensor's lr_t."""
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """After the update is written and ``group[APPLIED_STEPS]`` counts it."""
 
-    def finish(self, host: DerivationHost) -> None:
+    def finish(self, host: DerivationHost, failed: bool) -> None:
         """After a step that ``accumulate`` let through, whether it succeeded or raised."""
 
     @staticmethod
-    def zeros_state(host: DerivationHost, p: Tensor, key: str) -> Tensor:
+    def zeros_state(host: DerivationHost, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:
         state = host.state[p]
         if key not in state:
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state[key]
+
+
+def by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` bucketed by (device, dtype), the unit of one foreach call."""
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values())

@@ -77,7 +77,7 @@ class LazyAdam(Adam):
         exp_avg_sq.index_copy_(0, index, v)
         correction1, sqrt_correction2 = self._corrections(group, step)
         rows = m.div_(v.sqrt_().div_(sqrt_correction2).add_(group["eps"])).mul_(-lr / correction1)
-        update = torch.zeros_like(p)
+        update = torch.zeros_like(p, dtype=rows.dtype)
         _as_rows(update, sparse).index_copy_(0, index, rows)
         return update
 

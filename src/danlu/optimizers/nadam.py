@@ -40,9 +40,9 @@ class NAdam(DanluOptimizer):
         >>> import torch, danlu
         >>> w = torch.nn.Parameter(torch.tensor([1.0]))
         >>> opt = danlu.NAdam([w], lr=0.1)
-        >>> w.grad = torch.tensor([1.0]); _ = opt.step()
+        >>> w.grad = torch.tensor([1.0]); _ = opt.step()   # the same number as torch.optim.NAdam
         >>> round(w.item(), 4)
-        0.9
+        0.8944
     """
 
     def __init__(

@@ -1,0 +1,71 @@
+"""Lazy updates of embedding-like tensors (``extend_with_lazy_optimization``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from danlu._validate import check_patterns
+from danlu.derivations._base import Derivation, matches_any
+
+__all__ = ["LazyOptimization", "present_rows_mask"]
+
+
+def present_rows_mask(grad: Tensor, like: Tensor) -> Tensor:
+    """1 for the rows (all but the last axis) whose gradient is not all zero, else 0; broadcastable to ``like``."""
+    if grad.is_sparse:
+        grad = grad.coalesce().to_dense()
+    if grad.dim() == 0:
+        return grad.ne(0).to(like.dtype)
+    return grad.ne(0).any(dim=-1, keepdim=True).to(like.dtype)
+
+
+class LazyOptimization(Derivation):
+    r"""Leave unchanged the rows whose gradient is all zero, bert4keras' ``extend_with_lazy_optimization``.
+
+    For the tensors whose name matches ``include_in_lazy_optimization`` (``re.search``), with
+    :math:`d` the update so far and rows taken over all but the last axis:
+
+    .. math::
+
+        \theta_{t,i} = \theta_{t-1,i} + d_i\, [g_{t,i} \neq 0]
+
+    Only the parameter update is masked: the base optimizer's state (Adam's :math:`m`, :math:`v`) still
+    decays in the absent rows, as in bert4keras. :class:`danlu.LazyAdam` freezes the state too.
+
+    Keyword arguments: ``include_in_lazy_optimization=()``.
+    """
+
+    name = "lazy"
+    title = "LazyOptimization"
+    defaults = {"include_in_lazy_optimization": ()}
+    name_options = ("include_in_lazy_optimization",)
+    has_transform = True
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if "include_in_lazy_optimization" not in options:
+            return {}
+        patterns = check_patterns("include_in_lazy_optimization", options["include_in_lazy_optimization"])
+        return {"include_in_lazy_optimization": patterns}
+
+    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {"include_in_lazy_optimization": group["include_in_lazy_optimization"]}
+
+    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
+        patterns = tuple(group["include_in_lazy_optimization"])
+        return bool(patterns) and name is not None and matches_any(patterns, name)
+
+    def transform(
+        self,
+        host: Any,
+        group: Mapping[str, Any],
+        olds: list[Tensor],
+        updates: list[Tensor],
+        grads: list[Tensor],
+        names: list[str | None],
+        lrs: list[float],
+    ) -> None:
+        for update, grad in zip(updates, grads):
+            update.mul_(present_rows_mask(grad, update))

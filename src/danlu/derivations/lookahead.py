@@ -1,0 +1,69 @@
+"""Lookahead (``extend_with_lookahead``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from danlu._validate import check_int, check_number
+from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype
+
+if TYPE_CHECKING:
+    from danlu._host import DerivationHost
+
+__all__ = ["Lookahead"]
+
+SLOW = "lookahead.slow"
+
+
+class Lookahead(Derivation):
+    r"""Lookahead (Zhang, Lucas, Hinton & Ba, 2019): fast weights explore, slow weights follow.
+
+    The slow weights :math:`\phi` start as the parameters (at the first step). After every
+    :math:`k`-th applied step of the base optimizer:
+
+    .. math::
+
+        \phi \leftarrow \phi + \alpha (\theta - \phi), \qquad \theta \leftarrow \phi
+
+    with :math:`k` = ``steps_per_slow_update`` and :math:`\alpha` = ``slow_step_size``, as in the paper,
+    tensorflow-addons and optax. (bert4keras' tf.keras version starts :math:`\phi` at zero and syncs at
+    calls 1, k+1, ..., which multiplies the weights by :math:`\alpha` at the first call.) The slow
+    weights live in ``state[p]["lookahead.slow"]``.
+
+    Keyword arguments: ``steps_per_slow_update=5`` (an int >= 1), ``slow_step_size=0.5`` (in (0, 1]).
+    """
+
+    name = "lookahead"
+    title = "Lookahead"
+    defaults = {"steps_per_slow_update": 5, "slow_step_size": 0.5}
+    state_keys = (SLOW,)
+    required_state = (SLOW,)
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked: dict[str, Any] = {}
+        if "steps_per_slow_update" in options:
+            checked["steps_per_slow_update"] = check_int("steps_per_slow_update", options["steps_per_slow_update"], low=1)
+        if "slow_step_size" in options:
+            checked["slow_step_size"] = check_number(
+                "slow_step_size", options["slow_step_size"], low=0.0, low_open=True, high=1.0
+            )
+        return checked
+
+    def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            state = host.state[p]
+            if SLOW not in state:
+                state[SLOW] = p.detach().clone(memory_format=torch.preserve_format)
+
+    def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        if group[APPLIED_STEPS] % group["steps_per_slow_update"] != 0:
+            return
+        for bucket in by_device_and_dtype(params):
+            fast = [params[i] for i in bucket]
+            slow = [host.state[p][SLOW] for p in fast]
+            torch._foreach_lerp_(slow, fast, group["slow_step_size"])
+            torch._foreach_copy_(fast, slow)

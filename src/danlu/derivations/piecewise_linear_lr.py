@@ -1,0 +1,38 @@
+"""A piecewise-linear learning-rate multiplier (``extend_with_piecewise_linear_lr``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from danlu._validate import check_schedule
+from danlu.derivations._base import APPLIED_STEPS, Derivation
+from danlu.schedules import piecewise_linear
+
+__all__ = ["PiecewiseLinearLR"]
+
+
+class PiecewiseLinearLR(Derivation):
+    r"""Multiply the lr by a piecewise-linear function of the number of steps already applied.
+
+    bert4keras' ``extend_with_piecewise_linear_lr``: at the step that follows :math:`s` applied steps the
+    group's lr is :math:`\eta \cdot f(s)`, with :math:`f` = :func:`danlu.schedules.piecewise_linear`
+    through the points of ``lr_schedule`` (from 0 at step 0 unless the schedule has a key 0). So
+    ``{1000: 1, 2000: 0.1}`` warms up linearly over 1000 steps, decays to 10% at step 2000, then stays.
+    The multiplied lr is the :math:`\eta_t` that weight decay and layer adaptation see; a torch LR
+    scheduler sets :math:`\eta`, this multiplies it. Buffering calls of gradient accumulation do not count.
+
+    Keyword arguments: ``lr_schedule={0: 1}``.
+    """
+
+    name = "piecewise_linear_lr"
+    title = "PiecewiseLinearLR"
+    defaults = {"lr_schedule": {0: 1.0}}
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if "lr_schedule" not in options:
+            return {}
+        return {"lr_schedule": check_schedule("lr_schedule", options["lr_schedule"])}
+
+    def lr_multiplier(self, group: Mapping[str, Any]) -> float:
+        return piecewise_linear(group[APPLIED_STEPS], group["lr_schedule"])

@@ -1,0 +1,71 @@
+"""Decoupled weight decay (``extend_with_weight_decay``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu._validate import check_number, check_patterns
+from danlu.derivations._base import Derivation, matches_any
+
+__all__ = ["WeightDecay"]
+
+
+class WeightDecay(Derivation):
+    r"""Decoupled weight decay (Loshchilov & Hutter, 2019), bert4keras' ``extend_with_weight_decay``.
+
+    .. math::
+
+        \theta_t = \theta_t^{\text{base}} - \eta_t\, \lambda\, \theta_{t-1}
+
+    where :math:`\theta_t^{\text{base}}` is the parameter after the base optimizer's update (and the
+    transforms of inner derivations), :math:`\eta_t` the group's effective lr and :math:`\lambda` the
+    ``weight_decay_rate``. Tensors whose name matches a pattern of ``exclude_from_weight_decay``
+    (``re.search``) are not decayed. On Adam this is AdamW; on ``torch.optim.Adam`` it equals
+    ``torch.optim.AdamW``.
+
+    Keyword arguments: ``weight_decay_rate=0.01`` (>= 0), ``exclude_from_weight_decay=()``.
+    """
+
+    name = "weight_decay"
+    title = "WeightDecay"
+    defaults = {"weight_decay_rate": 0.01, "exclude_from_weight_decay": ()}
+    name_options = ("exclude_from_weight_decay",)
+    has_transform = True
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked: dict[str, Any] = {}
+        if "weight_decay_rate" in options:
+            checked["weight_decay_rate"] = check_number("weight_decay_rate", options["weight_decay_rate"], low=0.0)
+        if "exclude_from_weight_decay" in options:
+            checked["exclude_from_weight_decay"] = check_patterns("exclude_from_weight_decay", options["exclude_from_weight_decay"])
+        return checked
+
+    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {"exclude_from_weight_decay": group["exclude_from_weight_decay"]}
+
+    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
+        if group["weight_decay_rate"] == 0:
+            return False
+        patterns = tuple(group["exclude_from_weight_decay"])
+        return not (patterns and name is not None and matches_any(patterns, name))
+
+    def transform(
+        self,
+        host: Any,
+        group: Mapping[str, Any],
+        olds: list[Tensor],
+        updates: list[Tensor],
+        grads: list[Tensor],
+        names: list[str | None],
+        lrs: list[float],
+    ) -> None:
+        rate = group["weight_decay_rate"]
+        if len(set(lrs)) == 1 and len({(t.device, t.dtype) for t in [*updates, *olds]}) == 1:
+            torch._foreach_add_(updates, olds, alpha=-lrs[0] * rate)
+            return
+        for u, p, lr in zip(updates, olds, lrs):
+            u.add_(p.to(u.dtype), alpha=-lr * rate)

@@ -1,0 +1,331 @@
+"""The ``extend_with_*`` class factories.
+
+``extend_with_X(Base)`` returns a subclass of ``Base`` whose ``step`` runs the derivation hooks
+around Base's update (see :mod:`danlu._host`). On danlu's own optimizers the transforms act on the
+update before it is written, with no parameter copy. On any other ``torch.optim.Optimizer``
+subclass the class also inherits :class:`ForeignHost`, which runs Base's own ``step`` and applies
+the transforms to ``p_new - p_old`` of only the parameters some transform selects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu._host import DerivationHost
+from danlu._params import normalize_params
+from danlu.derivations import (
+    ALL_DERIVATIONS,
+    Derivation,
+    ExponentialMovingAverage,
+    GradientAccumulation,
+    LayerAdaptation,
+    LazyOptimization,
+    Lookahead,
+    ParameterWiseLR,
+    PiecewiseLinearLR,
+    WeightDecay,
+)
+from danlu.derivations._base import matches_any
+
+__all__ = [
+    "ForeignHost",
+    "extend_with",
+    "extend_with_weight_decay",
+    "extend_with_layer_adaptation",
+    "extend_with_piecewise_linear_lr",
+    "extend_with_gradient_accumulation",
+    "extend_with_lookahead",
+    "extend_with_lazy_optimization",
+    "extend_with_exponential_moving_average",
+    "extend_with_parameter_wise_lr",
+]
+
+
+class ForeignHost(DerivationHost):
+    """The derivation step for a base that is not a danlu optimizer: snapshot, base ``step()``, transform."""
+
+    def _base_step(self, lr_scales: Sequence[float]) -> None:
+        groups = self.param_groups
+        saved_lrs = [group["lr"] for group in groups]
+        snapshots: list[tuple[list[int], list[Tensor]]] = []
+        try:
+            for group, scale in zip(groups, lr_scales):
+                if scale != 1.0:
+                    group["lr"] = group["lr"] * scale
+            if self._has_transforms():
+                snapshots = [self._snapshot(group) for group in groups]
+            effective_lrs = [_as_float(group["lr"]) for group in groups]
+            self._step_foreign_base()
+        except BaseException:
+            for group, (indices, olds) in zip(groups, snapshots):
+                torch._foreach_copy_([group["params"][i] for i in indices], olds)
+            raise
+        finally:
+            for group, lr in zip(groups, saved_lrs):
+                group["lr"] = lr
+        for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
+            self._transform_snapshot(group, snapshot, lr)
+
+    def _step_foreign_base(self) -> None:
+        """Run Base.step() with the derivations' state entries out of its sight.
+
+        Many optimizers initialize a parameter's state when ``len(state) == 0``; the derivations'
+        namespaced entries are set aside for the call and put back after it.
+        """
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        if keys:
+            for state in self.state.values():
+                entries = {k: state.pop(k) for k in keys if k in state}
+                if entries:
+                    hidden.append((state, entries))
+        try:
+            super(DerivationHost, self).step()
+        finally:
+            for state, entries in hidden:
+                state.update(entries)
+
+    def _snapshot(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
+        names = self._names(group)
+        indices = [
+            i
+            for i, (p, name) in enumerate(zip(group["params"], names))
+            if p.grad is not None and self._selected_by_any(group, name)
+        ]
+        return indices, [group["params"][i].detach().clone(memory_format=torch.preserve_format) for i in indices]
+
+    def _transform_snapshot(self, group: dict[str, Any], snapshot: tuple[list[int], list[Tensor]], lr: float) -> None:
+        indices, olds = snapshot
+        if not indices:
+            return
+        params = [group["params"][i] for i in indices]
+        names = self._names(group)
+        torch._foreach_sub_(params, olds)
+        self._apply_transforms(
+            group, olds, params, [p.grad for p in params], [names[i] for i in indices], [lr] * len(params)
+        )
+        torch._foreach_add_(params, olds)
+
+
+def _as_float(lr: Any) -> float:
+    if lr is None:
+        return 0.0
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+def _derived_init(self: DerivationHost, params: Any, *args: Any, **kwargs: Any) -> None:
+    cls = type(self)
+    overrides: dict[str, Any] = {}
+    for derivation in cls._danlu_derivations:
+        given = {key: kwargs.pop(key) for key in derivation.defaults if key in kwargs}
+        overrides.update(derivation.validate(given))
+    self._danlu_overrides = overrides
+    cls._danlu_root.__init__(self, normalize_params(params), *args, **kwargs)  # type: ignore[attr-defined]
+    for derivation in cls._danlu_derivations:
+        for key, default in derivation.defaults.items():
+            self.defaults[key] = overrides.get(key, default)
+    _check_derived(self)
+
+
+def _check_derived(opt: DerivationHost) -> None:
+    """Checks that need the whole optimizer: names for name-based options, consistent counts, double decay."""
+    groups = opt.param_groups
+    all_names = [n for g in groups for n in g.get("param_names", ())]
+    for derivation in opt._danlu_derivations:
+        for group in groups:
+            for option, patterns in derivation.patterns(group).items():
+                if patterns and "param_names" not in group:
+                    raise ValueError(
+                        f"{option} matches parameter names, but this optimizer was built without names: "
+                        "pass model.named_parameters() (or (name, tensor) pairs) as params"
+                    )
+                for pattern in patterns:
+                    if not any(_pattern_matches(derivation, pattern, n) for n in all_names):
+                        warnings.warn(f"{option}: pattern {pattern!r} matches no parameter name", UserWarning, stacklevel=4)
+    if any(isinstance(d, GradientAccumulation) for d in opt._danlu_derivations):
+        counts = {g["grad_accum_steps"] for g in groups}
+        if len(counts) > 1:
+            raise ValueError(f"grad_accum_steps must be the same in every parameter group, got {sorted(counts)}")
+    if any(isinstance(d, WeightDecay) for d in opt._danlu_derivations):
+        if any(g["weight_decay_rate"] > 0 and _positive(g.get("weight_decay")) for g in groups):
+            warnings.warn(
+                "the base optimizer has its own weight_decay > 0 and extend_with_weight_decay adds decoupled decay: "
+                "the parameters are decayed twice",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _pattern_matches(derivation: Derivation, pattern: str, name: str) -> bool:
+    if isinstance(derivation, ParameterWiseLR):
+        return pattern in name
+    return matches_any((pattern,), name)
+
+
+def extend_with(base: type, derivation: Derivation, name: str | None = None) -> type:
+    """Return a subclass of ``base`` (any ``torch.optim.Optimizer`` subclass) with ``derivation`` applied last."""
+    factory = f"extend_with_{derivation.name}"
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+        raise TypeError(f"{factory}: expected a torch.optim.Optimizer subclass, got {base!r}")
+    if name is not None and (not isinstance(name, str) or not name.isidentifier()):
+        raise TypeError(f"{factory}: name must be a valid class name (str), got {name!r}")
+    existing: tuple[Derivation, ...] = getattr(base, "_danlu_derivations", ())
+    if any(type(d) is type(derivation) for d in existing):
+        raise ValueError(f"{factory}: {base.__name__} already has the {derivation.name} derivation")
+    bases: tuple[type, ...] = (base,) if issubclass(base, DerivationHost) else (ForeignHost, base)
+    namespace: dict[str, Any] = {
+        "_danlu_derivations": existing + (derivation,),
+        "_danlu_root": getattr(base, "_danlu_root", base),
+        "__init__": _derived_init,
+        "__module__": base.__module__,
+        "__doc__": f"{base.__name__} extended with {derivation.name}.\n\n{type(derivation).__doc__}",
+    }
+    namespace.update(derivation.methods)
+    cls_name = name or f"{base.__name__}With{derivation.title}"
+    cls = type(cls_name, bases, namespace)
+    cls.__qualname__ = cls_name
+    return cls
+
+
+def extend_with_weight_decay(BaseOptimizer: type, name: str | None = None) -> type:
+    """Add decoupled weight decay: ``p_new = p_base_new - lr_t * weight_decay_rate * p_old``.
+
+    Keyword arguments of the new class: ``weight_decay_rate=0.01``, ``exclude_from_weight_decay=()``
+    (regular expressions of parameter names). See :class:`danlu.derivations.WeightDecay`.
+
+    Example:
+        >>> import torch, danlu
+        >>> AdamW = danlu.extend_with_weight_decay(danlu.Adam)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = AdamW(model.named_parameters(), lr=1e-3, weight_decay_rate=0.01, exclude_from_weight_decay=["bias"])
+    """
+    return extend_with(BaseOptimizer, WeightDecay(), name)
+
+
+def extend_with_layer_adaptation(BaseOptimizer: type, name: str | None = None) -> type:
+    """Add LAMB's layer-wise trust ratio ``||p_old|| / ||d / max(lr_t, 1e-7)||`` on the update ``d``.
+
+    Keyword arguments: ``exclude_from_layer_adaptation=()``. See :class:`danlu.derivations.LayerAdaptation`.
+
+    Example:
+        >>> import danlu
+        >>> Lamb = danlu.extend_with_layer_adaptation(danlu.extend_with_weight_decay(danlu.Adam))
+    """
+    return extend_with(BaseOptimizer, LayerAdaptation(), name)
+
+
+def extend_with_piecewise_linear_lr(BaseOptimizer: type, name: str | None = None) -> type:
+    """Multiply the lr by a piecewise-linear function of the applied steps (warm-up and decay).
+
+    Keyword arguments: ``lr_schedule={0: 1}``. See :class:`danlu.derivations.PiecewiseLinearLR`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Warm = danlu.extend_with_piecewise_linear_lr(danlu.Adam)
+        >>> opt = Warm([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, lr_schedule={1000: 1.0, 2000: 0.1})
+    """
+    return extend_with(BaseOptimizer, PiecewiseLinearLR(), name)
+
+
+def extend_with_gradient_accumulation(BaseOptimizer: type, name: str | None = None) -> type:
+    """Apply one step every ``grad_accum_steps`` calls with the mean gradient (optax.MultiSteps semantics).
+
+    Keyword arguments: ``grad_accum_steps=2``. See :class:`danlu.derivations.GradientAccumulation`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Accum = danlu.extend_with_gradient_accumulation(torch.optim.SGD)
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = Accum([w], lr=1.0, grad_accum_steps=2)
+        >>> w.grad = torch.tensor([1.0]); _ = opt.step(); w.item()   # buffered
+        0.0
+        >>> w.grad = torch.tensor([3.0]); _ = opt.step(); w.item()   # mean gradient 2.0
+        -2.0
+    """
+    return extend_with(BaseOptimizer, GradientAccumulation(), name)
+
+
+def extend_with_lookahead(BaseOptimizer: type, name: str | None = None) -> type:
+    """Add Lookahead: after every k-th applied step, ``slow += alpha * (p - slow); p = slow``.
+
+    Keyword arguments: ``steps_per_slow_update=5``, ``slow_step_size=0.5``. See
+    :class:`danlu.derivations.Lookahead`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Ranger = danlu.extend_with_lookahead(danlu.RAdam)
+        >>> opt = Ranger([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, steps_per_slow_update=6)
+    """
+    return extend_with(BaseOptimizer, Lookahead(), name)
+
+
+def extend_with_lazy_optimization(BaseOptimizer: type, name: str | None = None) -> type:
+    """Leave unchanged the rows whose gradient is all zero, for the tensors named in ``include_in_lazy_optimization``.
+
+    Keyword arguments: ``include_in_lazy_optimization=()``. See :class:`danlu.derivations.LazyOptimization`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Lazy = danlu.extend_with_lazy_optimization(danlu.Adam)
+        >>> model = torch.nn.Embedding(10, 4)
+        >>> opt = Lazy(model.named_parameters(), lr=1e-3, include_in_lazy_optimization=["weight"])
+    """
+    return extend_with(BaseOptimizer, LazyOptimization(), name)
+
+
+def extend_with_exponential_moving_average(BaseOptimizer: type, name: str | None = None) -> type:
+    """Keep an EMA of the weights; ``apply_ema_weights()``, ``reset_old_weights()``, ``with opt.ema_weights():``.
+
+    Keyword arguments: ``ema_momentum=0.999``. See :class:`danlu.derivations.ExponentialMovingAverage`.
+
+    Example:
+        >>> import torch, danlu
+        >>> EMA = danlu.extend_with_exponential_moving_average(danlu.SGD)
+        >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = EMA([w], lr=0.5, ema_momentum=0.9)
+        >>> w.grad = torch.tensor([1.0]); _ = opt.step()
+        >>> with opt.ema_weights():   # bias-corrected average of one step: the weights themselves
+        ...     round(w.item(), 4)
+        0.5
+        >>> w.item()
+        0.5
+    """
+    return extend_with(BaseOptimizer, ExponentialMovingAverage(), name)
+
+
+def extend_with_parameter_wise_lr(BaseOptimizer: type, name: str | None = None) -> type:
+    """Multiply each tensor's update by the values of the schedule keys that are substrings of its name.
+
+    Keyword arguments: ``paramwise_lr_schedule={}``. See :class:`danlu.derivations.ParameterWiseLR`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Paramwise = danlu.extend_with_parameter_wise_lr(danlu.Adam)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> opt = Paramwise(model.named_parameters(), lr=1e-3, paramwise_lr_schedule={"0.": 0.1})
+    """
+    return extend_with(BaseOptimizer, ParameterWiseLR(), name)
+
+
+assert {d.name for d in ALL_DERIVATIONS} == {
+    WeightDecay.name,
+    LayerAdaptation.name,
+    PiecewiseLinearLR.name,
+    GradientAccumulation.name,
+    Lookahead.name,
+    LazyOptimization.name,
+    ExponentialMovingAverage.name,
+    ParameterWiseLR.name,
+}

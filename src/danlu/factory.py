@@ -1,0 +1,224 @@
+"""``create_optimizer``: an optimizer from a one-line spec such as ``"adamw+lookahead+ema"``.
+
+Grammar::
+
+    spec        := base ("+" derivation)*
+    base        := one of OPTIMIZER_NAMES, or "torch.<Name>" for a torch.optim class
+    derivation  := one of DERIVATION_NAMES (or an alias)
+
+Names are case-insensitive; spaces around ``+`` are ignored. Derivations apply in the order written,
+innermost first: ``"adam+weight_decay+layer_adaptation"`` is LAMB. Keyword arguments go to the base
+optimizer and the derivations alike (``lr=1e-3, weight_decay_rate=0.01, ema_momentum=0.999``).
+
+When the optimizer decays weights (``adamw``, ``lamb`` or a ``weight_decay`` derivation), biases and
+normalization weights are put in a second parameter group with ``weight_decay_rate=0`` (the BERT
+convention), unless ``exclude_from_weight_decay`` is given or ``no_decay_on_bias_and_norm=False``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from danlu import derive
+from danlu.derivations import WeightDecay
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.ready import AdamW, Lamb, Ranger
+
+__all__ = ["create_optimizer", "parse_spec", "OPTIMIZER_NAMES", "DERIVATION_NAMES", "no_decay_names"]
+
+_OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "sgd": (SGD, {}),
+    "sgdm": (SGD, {"momentum": 0.9}),
+    "nag": (SGD, {"momentum": 0.9, "nesterov": True}),
+    "adagrad": (Adagrad, {}),
+    "adadelta": (Adadelta, {}),
+    "rmsprop": (RMSprop, {}),
+    "adam": (Adam, {}),
+    "adamw": (AdamW, {}),
+    "nadam": (NAdam, {}),
+    "radam": (RAdam, {}),
+    "adafactor": (Adafactor, {}),
+    "lion": (Lion, {}),
+    "lamb": (Lamb, {}),
+    "lazyadam": (LazyAdam, {}),
+    "ranger": (Ranger, {}),
+}
+
+_DERIVATIONS: dict[str, Callable[[type], type]] = {
+    "weight_decay": derive.extend_with_weight_decay,
+    "layer_adaptation": derive.extend_with_layer_adaptation,
+    "piecewise_linear_lr": derive.extend_with_piecewise_linear_lr,
+    "gradient_accumulation": derive.extend_with_gradient_accumulation,
+    "lookahead": derive.extend_with_lookahead,
+    "lazy": derive.extend_with_lazy_optimization,
+    "ema": derive.extend_with_exponential_moving_average,
+    "paramwise_lr": derive.extend_with_parameter_wise_lr,
+}
+
+_ALIASES = {
+    "wd": "weight_decay",
+    "decay": "weight_decay",
+    "lars": "layer_adaptation",
+    "trust_ratio": "layer_adaptation",
+    "piecewise_lr": "piecewise_linear_lr",
+    "warmup": "piecewise_linear_lr",
+    "accum": "gradient_accumulation",
+    "grad_accum": "gradient_accumulation",
+    "la": "lookahead",
+    "lazy_optimization": "lazy",
+    "exponential_moving_average": "ema",
+    "parameter_wise_lr": "paramwise_lr",
+}
+
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
+"""Base names accepted by :func:`create_optimizer` (plus ``torch.<Name>`` for ``torch.optim`` classes)."""
+DERIVATION_NAMES: tuple[str, ...] = tuple(_DERIVATIONS)
+"""Derivation names accepted by :func:`create_optimizer` (aliases: see ``danlu.factory._ALIASES``)."""
+
+_NORM_NAME = re.compile(r"(^|[._])(bias|b)$|norm|(^|[._])ln(_?\d+)?([._]|$)", re.IGNORECASE)
+
+
+def _resolve_base(name: str) -> tuple[type, dict[str, Any]]:
+    if name.startswith("torch."):
+        cls = getattr(torch.optim, name[len("torch.") :], None) if name[len("torch.") :].isidentifier() else None
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f"unknown optimizer {name!r}: torch.optim has no optimizer class {name[len('torch.'):]!r}")
+        return cls, {}
+    key = name.lower()
+    if key not in _OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZER_NAMES)} (or torch.<Name>, e.g. torch.AdamW)"
+        )
+    return _OPTIMIZERS[key]
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """Split and check a spec: ``"adamw+lookahead+ema"`` -> ``("adamw", ["lookahead", "ema"])``.
+
+    Raises ``TypeError`` for a non-string and ``ValueError`` for an unknown or repeated name, listing the valid ones.
+
+    Example:
+        >>> parse_spec("AdamW + Lookahead + EMA")
+        ('adamw', ['lookahead', 'ema'])
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string such as 'adamw+lookahead', got {type(spec).__name__} {spec!r}")
+    parts = [part.strip() for part in spec.split("+")]
+    if not parts[0] or any(not part for part in parts):
+        raise ValueError(f"invalid spec {spec!r}: expected 'base+derivation+...', e.g. 'adamw+lookahead+ema'")
+    base = parts[0] if parts[0].startswith("torch.") else parts[0].lower()
+    _resolve_base(base)
+    derivations = []
+    for part in parts[1:]:
+        key = _ALIASES.get(part.lower(), part.lower())
+        if key not in _DERIVATIONS:
+            raise ValueError(f"unknown derivation {part!r} in {spec!r}; valid derivations: {', '.join(DERIVATION_NAMES)}")
+        if key in derivations:
+            raise ValueError(f"derivation {key!r} appears twice in {spec!r}")
+        derivations.append(key)
+    return base, derivations
+
+
+def no_decay_names(model_or_named_params: nn.Module | Iterable[tuple[str, Tensor]]) -> list[str]:
+    """Names of the biases and normalization weights (the BERT convention: no weight decay for them).
+
+    For a module: parameters of normalization layers (any module whose class name contains ``Norm``),
+    parameters named ``*.bias``, and every parameter with fewer than two dimensions. For bare
+    ``(name, tensor)`` pairs: names that look like biases or norms, and tensors with fewer than two dimensions.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> no_decay_names(model)
+        ['0.bias', '1.weight', '1.bias']
+    """
+    if isinstance(model_or_named_params, nn.Module):
+        names = set()
+        for module_name, module in model_or_named_params.named_modules():
+            if "Norm" in type(module).__name__:
+                prefix = f"{module_name}." if module_name else ""
+                names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        pairs = list(model_or_named_params.named_parameters())
+        return [n for n, p in pairs if n in names or n.endswith("bias") or p.dim() < 2]
+    return [n for n, p in model_or_named_params if p.dim() < 2 or _NORM_NAME.search(n)]
+
+
+def _named_parameters(model_or_named_params: Any) -> list[tuple[str, Tensor]]:
+    if isinstance(model_or_named_params, nn.Module):
+        return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad]
+    if isinstance(model_or_named_params, (str, bytes, Tensor)) or not isinstance(model_or_named_params, Iterable):
+        raise TypeError(
+            "model_or_named_params must be an nn.Module or an iterable of (name, parameter) pairs, "
+            f"got {type(model_or_named_params).__name__}"
+        )
+    pairs = list(model_or_named_params)
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], Tensor)):
+            raise TypeError(
+                "model_or_named_params must be an nn.Module or an iterable of (name, parameter) pairs, "
+                f"got an element {pair!r:.60}"
+            )
+    if not pairs:
+        raise ValueError("model_or_named_params has no parameters")
+    return pairs
+
+
+def create_optimizer(
+    model_or_named_params: nn.Module | Iterable[tuple[str, Tensor]],
+    spec: str,
+    *,
+    no_decay_on_bias_and_norm: bool = True,
+    **hyperparameters: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimizer described by ``spec`` (see the module docstring for the grammar).
+
+    Args:
+        model_or_named_params: an ``nn.Module`` (its trainable parameters are used) or
+            ``(name, parameter)`` pairs such as ``model.named_parameters()``.
+        spec: ``"base+derivation+..."``, e.g. ``"adamw"``, ``"radam+lookahead"``, ``"adamw+lookahead+ema"``.
+        no_decay_on_bias_and_norm: with weight decay, put biases and normalization weights in a group
+            with ``weight_decay_rate=0`` (ignored when ``exclude_from_weight_decay`` is given).
+        **hyperparameters: keyword arguments of the base optimizer and of the derivations.
+
+    Returns:
+        An instance of the derived class, a ``torch.optim.Optimizer``.
+
+    Example:
+        >>> import torch, danlu
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        >>> opt = danlu.create_optimizer(model, "adamw+lookahead+ema", lr=1e-3, weight_decay_rate=0.01)
+        >>> type(opt).__name__
+        'AdamWWithLookaheadWithExponentialMovingAverage'
+        >>> [g["weight_decay_rate"] for g in opt.param_groups]
+        [0.01, 0.0]
+    """
+    if not isinstance(no_decay_on_bias_and_norm, bool):
+        raise TypeError(f"no_decay_on_bias_and_norm must be True or False, got {no_decay_on_bias_and_norm!r}")
+    base_name, derivation_names = parse_spec(spec)
+    cls, base_defaults = _resolve_base(base_name)
+    for name in derivation_names:
+        cls = _DERIVATIONS[name](cls)
+    pairs = _named_parameters(model_or_named_params)
+    kwargs = {**base_defaults, **hyperparameters}
+    decays = any(isinstance(d, WeightDecay) for d in getattr(cls, "_danlu_derivations", ()))
+    if decays and no_decay_on_bias_and_norm and "exclude_from_weight_decay" not in kwargs:
+        return cls(_bert_groups(model_or_named_params, pairs), **kwargs)
+    return cls(pairs, **kwargs)
+
+
+def _bert_groups(model_or_named_params: Any, pairs: list[tuple[str, Tensor]]) -> list[dict[str, Any]]:
+    source = model_or_named_params if isinstance(model_or_named_params, nn.Module) else pairs
+    excluded = set(no_decay_names(source))
+    decay = [(n, p) for n, p in pairs if n not in excluded]
+    no_decay = [(n, p) for n, p in pairs if n in excluded]
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append({"params": decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay_rate": 0.0})
+    return groups

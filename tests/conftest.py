@@ -1,0 +1,48 @@
+"""Shared fixtures: the reference trajectories and small builders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def golden_dir() -> Path | None:
+    """The reference trajectories: $DANLU_GOLDEN, else ../shared/golden beside the repository."""
+    candidates = [os.environ.get("DANLU_GOLDEN"), ROOT.parent / "shared" / "golden", ROOT / "shared" / "golden"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "manifest.json").is_file():
+            return Path(candidate)
+    return None
+
+
+def golden_cases() -> list[dict[str, Any]]:
+    directory = golden_dir()
+    if directory is None:
+        return []
+    with open(directory / "manifest.json") as f:
+        return json.load(f)["cases"]
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    directory = golden_dir()
+    if directory is None:
+        if os.environ.get("CI"):
+            pytest.fail("the reference trajectories (../shared/golden) are missing on CI")
+        pytest.skip("reference trajectories not found: set DANLU_GOLDEN or place shared/golden beside the repository")
+    return directory
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
