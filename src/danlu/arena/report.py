@@ -32,11 +32,12 @@ JSON_NAME = "results.json"
 def table(config: ArenaConfig, rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     """The results table as header and string cells, shared by the HTML, Markdown and terminal views."""
     task = config.task
+    label = task.info().metric_label
     split = "test" if task.has_split("test") else "validation"
     header = ["#", "optimizer", "chosen lr"]
     if task.target is not None:
-        header.append(f"steps to {task.metric} ≥ {task.target:g}")
-    header += [f"{split} {task.metric} (mean ± sd)", "final train loss", "ms / step", "state bytes / param",
+        header.append(f"steps to {label} ≥ {task.target:g}")
+    header += [f"{split} {label} (mean ± sd)", "final train loss", "ms / step", "state bytes / param",
                "seeds", "note"]
     body = []
     for rank, row in enumerate(rows, 1):

@@ -64,25 +64,28 @@ def parse_roster(optimizers: str | Iterable[str] | None) -> tuple[str, ...]:
     items = [item for item in items if item]
     if not items:
         raise ValueError("optimizers is empty: give at least one spec, e.g. 'adamw,ranger,lamb'")
-    duplicates = sorted({item for item in items if items.count(item) > 1})
-    if duplicates:
-        raise ValueError(f"optimizers lists {', '.join(duplicates)} more than once")
+    seen: dict[tuple[str, tuple[str, ...]], str] = {}
     for item in items:
         try:
-            parse_spec(item)
+            base, names = parse_spec(item)
         except ValueError as exc:
             raise ValueError(f"optimizers: {exc}") from None
+        normal = (base.lower(), tuple(names))
+        if normal in seen:
+            raise ValueError(f"optimizers lists {item!r} more than once (as {seen[normal]!r} too)")
+        seen[normal] = item
     return tuple(items)
 
 
 def base_name(spec: str) -> str:
-    """The base optimizer of a spec ("adamw+ema" -> "adamw")."""
-    return spec.split("+")[0].strip()
+    """The base optimizer of a spec, lower case ("AdamW+ema" -> "adamw", "torch.SGD" -> "sgd")."""
+    base = parse_spec(spec)[0].lower()
+    return base[len("torch."):] if base.startswith("torch.") else base
 
 
 def derivations(spec: str) -> tuple[str, ...]:
-    """The derivations of a spec, innermost first."""
-    return tuple(part.strip() for part in spec.split("+")[1:])
+    """The derivations of a spec, innermost first, aliases resolved."""
+    return tuple(parse_spec(spec)[1])
 
 
 def typical_lr(spec: str) -> float:
