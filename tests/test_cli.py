@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,15 @@ def test_python_dash_m_danlu_bad_input_has_no_traceback(tmp_path: Path) -> None:
     assert done.returncode == EXIT_USAGE
     assert "danlu arena: error: steps must be >= 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(os.environ.get("DANLU_ARENA_FULL") != "1",
+                    reason="the full default arena takes ~30 s; set DANLU_ARENA_FULL=1 to time it")
+def test_default_arena_finishes_within_a_minute(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "danlu", "arena", "--out", str(tmp_path), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "report.html").is_file()
+    assert elapsed < 60, f"danlu arena took {elapsed:.1f} s"

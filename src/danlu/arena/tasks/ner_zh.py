@@ -187,7 +187,7 @@ class NerZhTask(Task):
         self.head, self.embed, self.hidden = head, embed, hidden
         self.eval_size = check_positive_int("eval_size", eval_size)
         self.target = target
-        self.defaults = TaskDefaults(steps=300, seeds=2, lr_grid=(0.3, 1.0, 3.0), threads=1)
+        self.defaults = TaskDefaults(steps=300, seeds=2, eval_every=25, lr_grid=(0.3, 1.0, 3.0), threads=1)
         self.vocab: dict[str, int] = {}
         self.splits: dict[str, Encoded] = {}
 

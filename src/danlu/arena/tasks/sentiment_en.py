@@ -161,7 +161,7 @@ class SentimentEnTask(Task):
     lr_scale = 0.1  # fine-tuning a pretrained encoder wants small steps
 
     def __init__(self, *, subset: int | None = 2000, batch_size: int = 16, max_len: int = 64,
-                 trainable_layers: int = 2, eval_size: int = 500, data_dir: str | None = None,
+                 trainable_layers: int = 2, eval_size: int = 300, data_dir: str | None = None,
                  target: float = 0.75) -> None:
         self.subset = check_positive_int("subset", subset, allow_none=True)
         self.batch_size = check_positive_int("batch_size", batch_size)
@@ -174,7 +174,7 @@ class SentimentEnTask(Task):
         self.eval_size = check_positive_int("eval_size", min(eval_size, EVAL_SPLIT))
         self.data_dir = data_dir
         self.target = target
-        self.defaults = TaskDefaults(steps=60, seeds=1, eval_every=10, lr_grid=(0.3, 1.0, 3.0), threads=2)
+        self.defaults = TaskDefaults(steps=60, seeds=1, eval_every=20, lr_grid=(0.3, 1.0, 3.0))
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._encoder: nn.Module | None = None
         self._n_train = 0
