@@ -221,3 +221,12 @@ def test_divergence_is_recorded(tmp_path: Path) -> None:
         raise AssertionError(f"results.json holds {constant}, which is not JSON")
 
     json.loads((tmp_path / "results.json").read_text(), parse_constant=reject)
+
+
+def test_derivations_that_delay_steps_still_evaluate(tmp_path: Path) -> None:
+    result = danlu.arena.run_task("digits", optimizers="adam+gradient_accumulation+ema,radam+piecewise_linear_lr",
+                                  steps=6, seeds=1, lr_grid="1", eval_every=1, out=tmp_path, progress=False)
+    assert all(math.isfinite(r.val_metric) for r in result.records)
+    settings = {r.spec: r.hyperparameters for r in result.records}
+    assert "ema_momentum" in settings["adam+gradient_accumulation+ema"]
+    assert settings["radam+piecewise_linear_lr"]["lr_schedule"] == {"1": 1.0}

@@ -76,7 +76,9 @@ class RichProgress(Progress):
 
     def run_started(self, phase: str, key: RunKey) -> None:
         if self._bar is not None:
-            self._bar.reset(self._current, total=self._steps, description=f"[{phase}] {key.label()}", info="")
+            from rich.markup import escape
+
+            self._bar.reset(self._current, total=self._steps, description=escape(f"[{phase}] {key.label()}"), info="")
 
     def step(self, step: int, steps: int, loss: float) -> None:
         if self._bar is not None:
@@ -85,7 +87,7 @@ class RichProgress(Progress):
 
     def run_finished(self, phase: str, record: RunRecord, reused: bool) -> None:
         self._done += 1
-        note = " (already in the output folder)" if reused else ""
+        note = " (reused from the output folder)" if reused else ""
         if self._bar is not None:
             advance = self._steps if reused else self._steps - record.steps
             if advance:
@@ -94,10 +96,11 @@ class RichProgress(Progress):
                 return
             self._bar.update(self._overall, info=f"{self._done}/{self._total} runs")
             return
-        self.console.print(f"[{self._done}/{self._total}] {phase}: {_result_text(record)}{note}", highlight=False)
+        self.console.print(f"[{self._done}/{self._total}] {phase}: {_result_text(record)}{note}", highlight=False,
+                           markup=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self._bar is not None:

@@ -50,21 +50,21 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(walk(state) for state in optimizer.state.values())
 
 
-def evaluation_weights(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[Any]:
-    """The weights to evaluate: the EMA average for an EMA optimizer, else the current ones."""
-    ema = getattr(optimizer, "ema_weights", None)
-    if callable(ema):
-        return ema()
-    return contextlib.nullcontext()
-
-
 def evaluate(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, split: str, steps_done: int) -> Evaluation:
-    """Evaluate ``model`` on ``split`` in eval mode, with EMA weights swapped in where there are any."""
+    """Evaluate ``model`` on ``split`` in eval mode, with EMA weights swapped in where there are any.
+
+    Before the optimizer has applied a step (step 0, or while a gradient-accumulating
+    optimizer is still buffering) there is no average yet: the current weights are used.
+    """
     model.eval()
     try:
-        if steps_done == 0:
-            return task.evaluate(model, split)
-        with evaluation_weights(optimizer):
+        with contextlib.ExitStack() as stack:
+            ema = getattr(optimizer, "ema_weights", None)
+            if callable(ema) and steps_done > 0:
+                try:
+                    stack.enter_context(ema())
+                except (RuntimeError, ValueError):
+                    pass
             return task.evaluate(model, split)
     finally:
         model.train()

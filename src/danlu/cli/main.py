@@ -112,6 +112,7 @@ def cmd_arena(args: argparse.Namespace) -> int:
 def print_table(result: Any) -> None:
     """The final results table (notes below it) and where the report is."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from danlu.arena.report import table
@@ -122,10 +123,10 @@ def print_table(result: Any) -> None:
         console = Console(width=160)
     view = Table(title=f"danlu arena: {result.config.task.name}", header_style="bold")
     for name in header[:-1]:
-        view.add_column(name, no_wrap=name == "optimizer")
+        view.add_column(escape(name), no_wrap=name == "optimizer")
     notes = []
     for cells in body:
-        view.add_row(*cells[:-1])
+        view.add_row(*(escape(cell) for cell in cells[:-1]))
         if cells[-1]:
             notes.append(f"{cells[1]}: {cells[-1]}")
     console.print(view)

@@ -223,12 +223,13 @@ class SentimentEnTask(Task):
     def batches(self, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
         ids, mask, labels = self.splits["train"]
         for index in epoch_batches(len(labels), self.batch_size, seed):
-            yield self._trim(ids[index], mask[index], labels[index])
+            yield (*self._trim(ids[index], mask[index]), labels[index])
 
     @staticmethod
-    def _trim(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the padding columns that no example of the batch uses."""
         width = int(mask.sum(1).max())
-        return ids[:, :width], mask[:, :width], labels
+        return ids[:, :width], mask[:, :width]
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch
@@ -237,7 +238,7 @@ class SentimentEnTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         ids, mask, labels = self.splits[split]
-        logits = torch.cat([model(*self._trim(i, m, labels)[:2]) for i, m in zip(ids.split(64), mask.split(64))])
+        logits = torch.cat([model(*self._trim(i, m)) for i, m in zip(ids.split(64), mask.split(64))])
         loss = float(F.cross_entropy(logits, labels))
         return Evaluation(loss=loss, metric=float((logits.argmax(-1) == labels).float().mean()))
 
