@@ -75,15 +75,15 @@ def test_optimizer_state_bytes_are_measured(digits_report: danlu.arena.ArenaResu
 def test_same_seed_same_data_order_and_init() -> None:
     task = DigitsTask()
     task.prepare()
-    first = [b[1].tolist() for b, _ in zip(task.batches(3), range(5))]
-    again = [b[1].tolist() for b, _ in zip(task.batches(3), range(5))]
-    other = [b[1].tolist() for b, _ in zip(task.batches(4), range(5))]
+    first = [b[1].tolist() for b, _ in zip(task.batches(3), range(5), strict=False)]
+    again = [b[1].tolist() for b, _ in zip(task.batches(3), range(5), strict=False)]
+    other = [b[1].tolist() for b, _ in zip(task.batches(4), range(5), strict=False)]
     assert first == again and first != other
     torch.manual_seed(7)
     a = task.make_model(7)
     torch.manual_seed(7)
     b = task.make_model(7)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_resume_skips_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +191,8 @@ def test_roster_and_grid_parsing() -> None:
 
 def test_lr_choice_and_edge_notes() -> None:
     task = DigitsTask()
-    points = [SweepPoint(0.01, 0.8, 0.5, False), SweepPoint(0.1, 0.9, 0.4, False), SweepPoint(1.0, math.nan, math.nan, True)]
+    points = [SweepPoint(0.01, 0.8, 0.5, False), SweepPoint(0.1, 0.9, 0.4, False),
+              SweepPoint(1.0, math.nan, math.nan, True)]
     best = choose_lr(task, points)
     assert best is not None and best.lr == 0.1 and lr_note(points, best) == ""
     ties = [SweepPoint(0.01, 0.9, 0.5, False), SweepPoint(0.1, 0.9, 0.3, False)]

@@ -34,9 +34,9 @@ from danlu.arena.roster import (
     sweep_lrs,
 )
 from danlu.arena.runner import RunPlan, log_every_for, train_run
-from danlu.factory import create_optimizer
 from danlu.arena.summary import Row, choose_lr, lr_note, sort_rows, sweep_points
 from danlu.arena.tasks.base import Task
+from danlu.factory import create_optimizer
 
 SWEEP_SEED = 0
 

@@ -100,14 +100,17 @@ def curves_figure(rows: Sequence[Row], axis: str, metric_label: str, colours: di
     """Training loss and validation metric against ``axis`` ("step" or "time"), mean over seeds."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    positive = True
     for row in rows:
         style = style_for(colours[row.spec])
         for ax, which in ((left, "loss"), (right, "metric")):
             data = _curve(row, which, axis)
             if data is not None:
                 _band(ax, data[0], data[1], f"{row.spec} (lr {row.lr:.3g})", style)
+                positive = positive and (which != "loss" or bool(np.all(data[1][np.isfinite(data[1])] > 0)))
     xlabel = "step" if axis == "step" else "training time (s, evaluation excluded)"
-    left.set(title="training loss (smoothed; mean over seeds, band: min-max)", xlabel=xlabel, ylabel="loss", yscale="log")
+    left.set(title="training loss (smoothed; mean over seeds, band: min-max)", xlabel=xlabel, ylabel="loss",
+             yscale="log" if positive else "linear")
     right.set(title=f"validation {metric_label}", xlabel=xlabel, ylabel=metric_label)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)

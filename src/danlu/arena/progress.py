@@ -58,7 +58,8 @@ class RichProgress(Progress):
         self._steps, self._total = steps, total_runs
         if not self.live:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
 
         self._bar = Bars(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from danlu.factory import create_optimizer
 from danlu.arena.records import Curve, RunKey, RunRecord
 from danlu.arena.tasks.base import Evaluation, Task
+from danlu.factory import create_optimizer
 
 #: Called after every training step with (step, steps, smoothed loss).
 StepCallback = Callable[[int, int, float], None]

@@ -10,8 +10,8 @@ the same fair treatment.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,7 +66,8 @@ class Task(abc.ABC):
     defaults: TaskDefaults = TaskDefaults(steps=200)
 
     def prepare(self) -> None:
-        """Load data and build anything shared by every run (idempotent)."""
+        """Load data and build anything shared by every run (idempotent); nothing to do by default."""
+        return None
 
     @abc.abstractmethod
     def info(self) -> TaskInfo:

@@ -113,7 +113,7 @@ def entities(tags: Sequence[str]) -> set[tuple[int, int, str]]:
 def entity_f1(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> float:
     """Micro-averaged entity-level F1 over sentences (exact span and type)."""
     true_positive = found = expected = 0
-    for gold_tags, predicted_tags in zip(gold, predicted):
+    for gold_tags, predicted_tags in zip(gold, predicted, strict=True):
         g, p = entities(gold_tags), entities(predicted_tags)
         true_positive += len(g & p)
         found += len(p)
@@ -227,7 +227,7 @@ class NerZhTask(Task):
         length = max(len(text) for text in texts)
         chars = torch.full((len(texts), length), PAD, dtype=torch.long)
         tags = torch.full((len(texts), length), -100, dtype=torch.long)
-        for i, (text, row) in enumerate(zip(texts, gold)):
+        for i, (text, row) in enumerate(zip(texts, gold, strict=True)):
             chars[i, : len(text)] = torch.tensor([self.vocab.get(c, UNK) for c in text], dtype=torch.long)
             tags[i, : len(row)] = torch.tensor([TAG_INDEX[t] for t in row], dtype=torch.long)
         lengths = torch.tensor([len(text) for text in texts], dtype=torch.long)

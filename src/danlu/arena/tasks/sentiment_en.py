@@ -43,7 +43,10 @@ NUM_LAYERS = 6
 
 
 def cache_dir() -> Path:
-    """Where danlu keeps downloaded data: ``$DANLU_CACHE_DIR``, else ``$XDG_CACHE_HOME/danlu``, else ``~/.cache/danlu``."""
+    """Where danlu keeps downloaded data.
+
+    ``$DANLU_CACHE_DIR``, else ``$XDG_CACHE_HOME/danlu``, else ``~/.cache/danlu``.
+    """
     if os.environ.get("DANLU_CACHE_DIR"):
         return Path(os.environ["DANLU_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -238,7 +241,7 @@ class SentimentEnTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         ids, mask, labels = self.splits[split]
-        logits = torch.cat([model(*self._trim(i, m)) for i, m in zip(ids.split(64), mask.split(64))])
+        logits = torch.cat([model(*self._trim(i, m)) for i, m in zip(ids.split(64), mask.split(64), strict=True)])
         loss = float(F.cross_entropy(logits, labels))
         return Evaluation(loss=loss, metric=float((logits.argmax(-1) == labels).float().mean()))
 

@@ -43,7 +43,9 @@ def _check_split(name: str, split: Any) -> Split:
 def check_data(data: Any) -> dict[str, Split]:
     """Validate ``data``: a mapping with "train" and "val" (and optionally "test") pairs of tensors."""
     if not isinstance(data, Mapping):
-        raise TypeError(f"data must be a mapping with keys 'train', 'val' and optionally 'test', got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a mapping with keys 'train', 'val' and optionally 'test', got {type(data).__name__}"
+        )
     unknown = set(data) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"data has unknown keys {sorted(unknown)}; valid keys: 'train', 'val', 'test'")
