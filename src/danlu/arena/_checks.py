@@ -11,10 +11,13 @@ from numbers import Integral, Real
 from typing import Any
 
 
-def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    """Return ``value`` as an int >= 1 (or None when allowed), else raise."""
-    if value is None and allow_none:
-        return None
+def check_optional_positive_int(name: str, value: Any) -> int | None:
+    """Return None, or ``value`` as an int >= 1; else raise."""
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int >= 1, else raise."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import danlu
-from danlu.arena._checks import check_positive_int
+from danlu.arena._checks import check_optional_positive_int, check_positive_int
 from danlu.arena.progress import Progress
 from danlu.arena.records import RunKey, RunRecord, RunStore, fingerprint
 from danlu.arena.roster import (
@@ -105,18 +105,18 @@ def make_config(
         raise TypeError(f"task must be a danlu.arena Task, got {type(task).__name__}")
     roster = parse_roster(optimizers)
     defaults = task.defaults
-    steps = check_positive_int("steps", defaults.steps if steps is None else steps)
-    seeds = check_positive_int("seeds", defaults.seeds if seeds is None else seeds)
+    n_steps = check_positive_int("steps", defaults.steps if steps is None else steps)
+    n_seeds = check_positive_int("seeds", defaults.seeds if seeds is None else seeds)
     grid = parse_lr_grid(defaults.lr_grid if lr_grid is None else lr_grid)
-    every = eval_every if eval_every is not None else defaults.eval_every or max(1, steps // 20)
-    every = check_positive_int("eval_every", every)
-    threads = check_positive_int("threads", threads if threads is not None else defaults.threads, allow_none=True)
+    every = eval_every if eval_every is not None else defaults.eval_every or max(1, n_steps // 20)
+    n_every = check_positive_int("eval_every", every)
+    n_threads = check_optional_positive_int("threads", threads if threads is not None else defaults.threads)
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a path, got {type(out).__name__}")
     return ArenaConfig(
-        task=task, optimizers=roster, steps=steps, seeds=seeds, lr_grid=grid, eval_every=every,
+        task=task, optimizers=roster, steps=n_steps, seeds=n_seeds, lr_grid=grid, eval_every=n_every,
         out=Path(out), hyperparameters=check_user_hyperparameters(hyperparameters, roster),
-        threads=threads, resume=bool(resume),
+        threads=n_threads, resume=bool(resume),
     )
 
 

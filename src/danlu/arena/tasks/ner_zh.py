@@ -21,13 +21,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from danlu.arena._checks import check_positive_int
+from danlu.arena._checks import check_optional_positive_int, check_positive_int
 from danlu.arena.tasks.base import Evaluation, Task, TaskDefaults, TaskInfo, epoch_batches
 from danlu.arena.tasks.crf import CRF
 
@@ -179,7 +179,7 @@ class NerZhTask(Task):
     def __init__(self, *, subset: int | None = None, batch_size: int = 32, max_len: int = 64,
                  head: str = "softmax", embed: int = 64, hidden: int = 64, eval_size: int = 1000,
                  target: float = 0.5) -> None:
-        self.subset = check_positive_int("subset", subset, allow_none=True)
+        self.subset = check_optional_positive_int("subset", subset)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.max_len = check_positive_int("max_len", max_len)
         if head not in HEADS:
@@ -263,16 +263,16 @@ class NerZhTask(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         chars, tags, lengths = batch
-        return model.loss(chars, tags, lengths)
+        return cast(Tagger, model).loss(chars, tags, lengths)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
-        data = self.splits[split]
+        data, tagger = self.splits[split], cast(Tagger, model)
         losses, predicted = [], []
         for index in torch.arange(len(data.lengths)).split(256):
             chars, tags, lengths = self._trim(data, index)
-            losses.append(float(model.loss(chars, tags, lengths)) * len(index))
-            predicted += [[TAGS[t] for t in row] for row in model.decode(chars, lengths)]
+            losses.append(float(tagger.loss(chars, tags, lengths)) * len(index))
+            predicted += [[TAGS[t] for t in row] for row in tagger.decode(chars, lengths)]
         return Evaluation(loss=sum(losses) / len(data.lengths), metric=entity_f1(data.gold, predicted))
 
     def fingerprint(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from danlu.arena._checks import check_positive_int
+from danlu.arena._checks import check_optional_positive_int, check_positive_int
 from danlu.arena.tasks.base import Evaluation, Task, TaskDefaults, TaskInfo, epoch_batches
 
 SDIST_GLOB = "vaderSentiment-*.tar.gz"
@@ -125,10 +125,10 @@ def load_encoder(path: Path) -> tuple[Any, nn.Module]:
 class SentimentClassifier(nn.Module):
     """Pretrained encoder, mean pooling over tokens, linear classifier."""
 
-    def __init__(self, encoder: nn.Module, classes: int = 2) -> None:
+    def __init__(self, encoder: Any, classes: int = 2) -> None:
         super().__init__()
         self.encoder = encoder
-        self.classifier = nn.Linear(encoder.config.hidden_size, classes)
+        self.classifier = nn.Linear(int(encoder.config.hidden_size), classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -166,7 +166,7 @@ class SentimentEnTask(Task):
     def __init__(self, *, subset: int | None = 2000, batch_size: int = 16, max_len: int = 64,
                  trainable_layers: int = 2, eval_size: int = 300, data_dir: str | None = None,
                  target: float = 0.75) -> None:
-        self.subset = check_positive_int("subset", subset, allow_none=True)
+        self.subset = check_optional_positive_int("subset", subset)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.max_len = check_positive_int("max_len", max_len)
         if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int):
@@ -178,7 +178,7 @@ class SentimentEnTask(Task):
         self.data_dir = data_dir
         self.target = target
         self.defaults = TaskDefaults(steps=60, seeds=1, eval_every=20, lr_grid=(0.3, 1.0, 3.0))
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.splits: dict[str, tuple[torch.Tensor, ...]] = {}
         self._encoder: nn.Module | None = None
         self._n_train = 0
 

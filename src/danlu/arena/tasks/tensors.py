@@ -93,7 +93,7 @@ class TensorTask(Task):
         self._info = info
 
     def prepare(self) -> None:
-        if not self.data:
+        if not self.data and callable(self._source):
             self.data = check_data(self._source())
 
     @staticmethod
