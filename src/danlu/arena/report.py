@@ -45,7 +45,7 @@ def table(config: ArenaConfig, rows: Sequence[Row]) -> tuple[list[str], list[lis
         if task.target is not None:
             cells.append(fmt_steps(row))
         note = "; ".join(n for n in (row.lr_note, _diverged_note(row)) if n)
-        cells += [fmt_metric(row.metric_mean, row.metric_std), fmt_number(row.train_loss_mean, 3),
+        cells += [fmt_metric(row.metric_mean, row.metric_std, len(row.runs)), fmt_number(row.train_loss_mean, 3),
                   fmt_number(row.step_time_ms, 3), fmt_number(row.state_bytes_per_param, 3),
                   f"{len(row.runs)}/{row.seeds_planned}", note]
         body.append(cells)

@@ -153,9 +153,12 @@ def fmt_lr(lr: float | None) -> str:
     return "—" if lr is None else f"{lr:.3g}"
 
 
-def fmt_metric(mean: float, std: float) -> str:
+def fmt_metric(mean: float, std: float, count: int = 2) -> str:
+    """``mean ± sd``; with one seed there is no spread to show."""
     if not math.isfinite(mean):
         return "—"
+    if count < 2:
+        return f"{mean:.4f} (1 seed)"
     return f"{mean:.4f} ± {std:.4f}"
 
 
@@ -170,4 +173,9 @@ def fmt_steps(row: Row) -> str:
 
 
 def fmt_number(value: float, digits: int = 3) -> str:
-    return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+    """``digits`` significant digits, without switching to exponent notation below 10^6."""
+    if not math.isfinite(value):
+        return "—"
+    if 10 ** digits <= abs(value) < 1e6:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
