@@ -57,7 +57,7 @@ def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
         if saved_id not in mapping:
             raise ValueError(f"the state dict has state for parameter index {saved_id!r}, which no group lists")
         p, group, label = mapping[saved_id]
-        saved_group = saved_groups[opt.param_groups.index(group)]
+        saved_group = saved_groups[next(i for i, g in enumerate(opt.param_groups) if g is group)]
         _check_param_state(opt, p, {**group, **saved_group}, entry, label)
 
 
@@ -79,7 +79,8 @@ def _check_group_options(opt: DerivationHost, index: int, saved: Mapping[str, An
     from danlu.base import DanluOptimizer
 
     if isinstance(opt, DanluOptimizer):
-        algorithm = [k for k in opt.defaults if k not in _derivation_keys()]
+        # "differentiable" is added to defaults by torch's __setstate__ (every load_state_dict), not by danlu
+        algorithm = [k for k in opt.defaults if k not in _derivation_keys() and k != "differentiable"]
         missing = [k for k in algorithm if k not in saved]
         if missing:
             raise ValueError(
