@@ -151,7 +151,7 @@ def test_user_model_and_data_api(tmp_path: Path) -> None:
 
 
 def test_user_api_rejects_bad_data(tmp_path: Path) -> None:
-    model_fn = lambda: torch.nn.Linear(2, 2)  # noqa: E731
+    model_fn = lambda: torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="'val'"):
         danlu.arena.run(model_fn, {"train": (torch.zeros(4, 2), torch.zeros(4))}, out=tmp_path, progress=False)
     with pytest.raises(TypeError, match="data"):

@@ -111,7 +111,7 @@ def parse_lr_grid(lr_grid: str | Sequence[float] | None) -> tuple[float, ...]:
     bad = [v for v in values if not (math.isfinite(v) and v > 0)]
     if bad:
         raise ValueError(f"lr_grid values must be finite numbers > 0, got {bad!r}")
-    return tuple(sorted(set(float(v) for v in values)))
+    return tuple(sorted({float(v) for v in values}))
 
 
 def sweep_lrs(spec: str, grid: Sequence[float], lr_scale: float = 1.0) -> tuple[float, ...]:

@@ -61,10 +61,8 @@ def evaluate(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, spl
         with contextlib.ExitStack() as stack:
             ema = getattr(optimizer, "ema_weights", None)
             if callable(ema) and steps_done > 0:
-                try:
+                with contextlib.suppress(RuntimeError, ValueError):
                     stack.enter_context(ema())
-                except (RuntimeError, ValueError):
-                    pass
             return task.evaluate(model, split)
     finally:
         model.train()

@@ -104,9 +104,8 @@ def choose_lr(task: Task, points: Sequence[SweepPoint]) -> SweepPoint | None:
         return min(points, key=lambda p: p.lr) if points else None
     best = usable[0]
     for point in usable[1:]:
-        if task.better(point.val_metric, best.val_metric):
-            best = point
-        elif point.val_metric == best.val_metric and _loss(point) < _loss(best):
+        tie = point.val_metric == best.val_metric
+        if task.better(point.val_metric, best.val_metric) or (tie and _loss(point) < _loss(best)):
             best = point
     return best
 

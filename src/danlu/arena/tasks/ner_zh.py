@@ -98,7 +98,7 @@ def entities(tags: Sequence[str]) -> set[tuple[int, int, str]]:
     """Entity spans (start, end exclusive, type) of a BIO sequence; a stray I- starts an entity."""
     spans = set()
     start, kind = -1, ""
-    for i, tag in enumerate(list(tags) + ["O"]):
+    for i, tag in enumerate([*tags, "O"]):
         inside = tag.startswith("I-") and tag[2:] == kind and start >= 0
         if inside:
             continue
