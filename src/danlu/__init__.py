@@ -1,5 +1,6 @@
 """danlu: optimizers and derived optimizers for PyTorch."""
 
+from danlu import distributed
 from danlu.base import DanluOptimizer
 from danlu.derive import (
     extend_with_exponential_moving_average,
@@ -9,6 +10,7 @@ from danlu.derive import (
     extend_with_lookahead,
     extend_with_parameter_wise_lr,
     extend_with_piecewise_linear_lr,
+    extend_with_skip_nonfinite,
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
@@ -40,5 +42,7 @@ __all__ = [
     "extend_with_lazy_optimization",
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
+    "extend_with_skip_nonfinite",
     "create_optimizer",
+    "distributed",
 ]

@@ -9,7 +9,7 @@ shapes, or with missing entries, and it keeps the dtypes of the saved state
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +37,38 @@ def saved_params(opt: DerivationHost, state_dict: Mapping[str, Any]) -> dict[Any
     return mapping
 
 
+def normalize_loaded_groups(opt: DerivationHost, state_dict: Any) -> Any:
+    """Undo what a trip through ``torch.distributed.checkpoint`` does to danlu's group options.
+
+    DCP flattens nested dicts into paths, so the int steps of ``lr_schedule`` come back as strings,
+    merged into the dict of the optimizer that the checkpoint is loaded into: ``{0: 1.0, '0': 0.5}``.
+    The string keys are the saved ones: they are kept, as ints. Then every derivation option of every
+    saved group is validated like a constructor argument (a ``ValueError`` or ``TypeError`` names it).
+    Returns a shallow copy with new group dicts; ``state_dict`` itself is not changed.
+    """
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
+        return state_dict
+    groups = []
+    for saved in state_dict["param_groups"]:
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state_dict['param_groups'] must hold dicts, got {type(saved).__name__}")
+        group = dict(saved)
+        for derivation in opt._danlu_derivations:
+            for key, default in derivation.defaults.items():
+                int_keyed = isinstance(default, Mapping) and default and all(isinstance(k, int) for k in default)
+                if int_keyed and isinstance(group.get(key), Mapping):
+                    group[key] = _int_keys(group[key])
+            group.update(derivation.validate(group))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
+
+
+def _int_keys(mapping: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The saved (string, from DCP) int keys of a schedule if there are any, else the mapping as it is."""
+    saved = {int(k): v for k, v in mapping.items() if isinstance(k, str) and k.isdigit()}
+    return saved if saved else dict(mapping)
+
+
 def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
     """Raise ``ValueError`` naming what does not fit; change nothing."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -57,7 +89,7 @@ def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
         if saved_id not in mapping:
             raise ValueError(f"the state dict has state for parameter index {saved_id!r}, which no group lists")
         p, group, label = mapping[saved_id]
-        saved_group = saved_groups[opt.param_groups.index(group)]
+        saved_group = saved_groups[next(i for i, g in enumerate(opt.param_groups) if g is group)]
         _check_param_state(opt, p, {**group, **saved_group}, entry, label)
 
 
@@ -140,7 +172,7 @@ def _base_template(opt: DerivationHost, p: Tensor, group: Mapping[str, Any]) -> 
     return {k: tuple(v.shape) for k, v in template.items() if isinstance(v, Tensor)}
 
 
-def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any], keys: set[str]) -> None:
+def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any], keys: Collection[str]) -> None:
     """Copy the derivations' saved entries into ``opt.state``, on each parameter's device, dtypes kept."""
     mapping = saved_params(opt, state_dict)
     for saved_id, entry in state_dict["state"].items():

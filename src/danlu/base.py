@@ -115,6 +115,16 @@ class DanluOptimizer(DerivationHost):
         for group, scale in zip(self.param_groups, lr_scales):
             self._group_step(group, scale)
 
+    def _init_base_state(self) -> None:
+        """Create the state that the first step creates, without a step (see ``DerivationHost.step``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is not None and "step" not in state:
+                    compute = compute_dtype(p)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
+
     def _group_step(self, group: dict[str, Any], scale: float) -> None:
         names_all = self._names(group)
         params, grads, states, names = [], [], [], []

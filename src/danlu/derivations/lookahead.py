@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import foreach_copy_
 from danlu._validate import check_int, check_number
 from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype
 
@@ -54,10 +55,18 @@ class Lookahead(Derivation):
         return checked
 
     def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        first = group[APPLIED_STEPS] == 0  # slow weights made before the first step (init_state) are refreshed
         for p in params:
             state = host.state[p]
             if SLOW not in state:
                 state[SLOW] = p.detach().clone(memory_format=torch.preserve_format)
+            elif first:
+                state[SLOW].copy_(p)
+
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            if SLOW not in host.state[p]:
+                host.state[p][SLOW] = p.detach().clone(memory_format=torch.preserve_format)
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         if group[APPLIED_STEPS] % group["steps_per_slow_update"] != 0:
@@ -66,4 +75,4 @@ class Lookahead(Derivation):
             fast = [params[i] for i in bucket]
             slow = [host.state[p][SLOW] for p in fast]
             torch._foreach_lerp_(slow, fast, group["slow_step_size"])
-            torch._foreach_copy_(fast, slow)
+            foreach_copy_(fast, slow)

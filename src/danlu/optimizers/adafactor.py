@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import zeros_reduced
 from danlu._validate import check_bool, check_int, check_number, check_optional_number, check_patterns
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.derivations._base import matches_any
@@ -159,8 +160,8 @@ class Adafactor(DanluOptimizer):
         row_shape, col_shape = list(p.shape), list(p.shape)
         row_shape[largest] = 1
         col_shape[second] = 1
-        state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq_col"] = torch.zeros(col_shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq_row"] = zeros_reduced(p, row_shape, dtype)  # a DTensor under FSDP2
+        state["exp_avg_sq_col"] = zeros_reduced(p, col_shape, dtype)
 
     def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
         if group["lr"] is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import foreach_copy_
 from danlu._validate import check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -99,7 +100,7 @@ class SGD(DanluOptimizer):
             first = [i for i, t in enumerate(steps) if t == 1]
             later = [i for i, t in enumerate(steps) if t != 1]
             if first:
-                torch._foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
+                foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
             if later:
                 later_bufs = [bufs[i] for i in later]
                 torch._foreach_mul_(later_bufs, momentum)
