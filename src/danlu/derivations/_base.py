@@ -32,7 +32,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
-__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "APPLIED_STEPS", "CALLS"]
+__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "wide_dtype", "APPLIED_STEPS", "CALLS"]
 
 APPLIED_STEPS = "applied_steps"
 """Param-group key: the number of steps applied so far (buffering calls excluded)."""
@@ -123,6 +123,19 @@ class Derivation:
         if key not in state:
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state[key]
+
+
+def wide_dtype(group: Mapping[str, Any], p: Tensor) -> torch.dtype:
+    """The dtype of a derivation's parameter-shaped state (slow weights, EMA weights) for ``p``.
+
+    The wider of the parameter's dtype and the group's state dtype (``danlu._precision``): float32
+    for 16-bit parameters by default, never narrower than the parameter.
+    """
+    from danlu._precision import compute_dtype
+
+    if not p.is_floating_point():
+        return p.dtype
+    return torch.promote_types(p.dtype, compute_dtype(p, group.get("state_dtype")))
 
 
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from danlu._validate import check_bool, check_number
-from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype
+from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
@@ -67,12 +67,15 @@ class ExponentialMovingAverage(Derivation):
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in params:
-            self.zeros_state(host, p, SHADOW)
+            self.zeros_state(host, p, SHADOW, wide_dtype(group, p))
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
-        shadows = [self.zeros_state(host, p, SHADOW) for p in params]
+        shadows = [self.zeros_state(host, p, SHADOW, wide_dtype(group, p)) for p in params]
+        weight = 1.0 - group["ema_momentum"]
         for bucket in by_device_and_dtype(params):
-            torch._foreach_lerp_([shadows[i] for i in bucket], [params[i] for i in bucket], 1.0 - group["ema_momentum"])
+            targets = [shadows[i] for i in bucket]
+            sources = [params[i] if params[i].dtype == shadows[i].dtype else params[i].to(shadows[i].dtype) for i in bucket]
+            torch._foreach_lerp_(targets, sources, weight)
 
 
 def apply_ema_weights(self: DerivationHost, bias_correction: bool = True) -> None:
@@ -97,7 +100,7 @@ def apply_ema_weights(self: DerivationHost, bias_correction: bool = True) -> Non
                 if shadow is None:
                     continue
                 backup.append((p, p.detach().clone(memory_format=torch.preserve_format)))
-                p.copy_(shadow / scale)
+                p.copy_(shadow / scale)  # rounded once to the parameter's dtype
     self.__dict__[_BACKUP] = backup
 
 

@@ -82,6 +82,8 @@ class Adafactor(DanluOptimizer):
         min_dim_size_to_factor: factor tensors whose second largest dimension is at least this.
         exclude_from_parameter_scale: regular expressions of parameter names that get no parameter scale.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -108,6 +110,8 @@ class Adafactor(DanluOptimizer):
         exclude_from_parameter_scale: Any = (),
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -120,7 +124,7 @@ class Adafactor(DanluOptimizer):
             min_dim_size_to_factor=min_dim_size_to_factor,
             exclude_from_parameter_scale=exclude_from_parameter_scale,
         )
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         for group in self.param_groups:
             if group["exclude_from_parameter_scale"] and "param_names" not in group:
                 raise ValueError(
