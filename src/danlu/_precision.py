@@ -87,7 +87,7 @@ def stochastic_round_bf16(x: Tensor, seed: int) -> Tensor:
     local = x.to_local() if is_dtensor(x) else x
     local = local.float().contiguous()
     index = torch.arange(local.numel(), device=local.device, dtype=torch.int64)
-    bits = _hash32(index ^ (seed & _MASK)) & 0xFFFF
+    bits = _hash32(_hash32(index) ^ (seed & _MASK)) & 0xFFFF
     raw = local.view(torch.int32).reshape(-1).to(torch.int64)
     rounded = ((raw + bits) & ~0xFFFF).to(torch.int32)  # may carry into the exponent: that is rounding up
     out = rounded.view(torch.float32).to(torch.bfloat16).view(local.shape)

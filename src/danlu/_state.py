@@ -183,12 +183,20 @@ def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any],
 
 
 def keep_state_dtypes(opt: DerivationHost, state_dict: Mapping[str, Any]) -> None:
-    """Undo torch's cast of floating-point state to the parameter dtype: keep the saved dtypes."""
+    """Undo torch's cast of floating-point state to the parameter dtype: keep the saved dtypes.
+
+    Also never share a tensor with ``state_dict``: torch keeps the ``step`` tensors as they are, so
+    loading another optimizer's live ``state_dict()`` would make both count each other's steps.
+    """
     mapping = saved_params(opt, state_dict)
     for saved_id, entry in state_dict["state"].items():
         p = mapping[saved_id][0]
         loaded = opt.state[p]
         for key, value in entry.items():
             current = loaded.get(key)
-            if isinstance(value, Tensor) and isinstance(current, Tensor) and current.dtype != value.dtype:
+            if not (isinstance(value, Tensor) and isinstance(current, Tensor)):
+                continue
+            if current.dtype != value.dtype:
                 loaded[key] = value.to(device=current.device, copy=True)
+            elif current is value:
+                loaded[key] = value.clone()
