@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from numbers import Real
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -91,6 +92,7 @@ class DerivationHost(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        self._check_lrs()
         if not self.state and self._is_state_init_call():
             self._init_all_state()
             return loss
@@ -131,6 +133,17 @@ class DerivationHost(torch.optim.Optimizer):
             for derivation in derivations:
                 derivation.finish(self, failed)
         return loss
+
+    def _check_lrs(self) -> None:
+        """Refuse, before anything changes, an lr that a scheduler or a hand set to nan, inf or < 0."""
+        for index, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            if lr is None or isinstance(lr, Tensor):
+                continue
+            if isinstance(lr, bool) or not isinstance(lr, Real):
+                raise TypeError(f"Invalid lr in parameter group {index}: expected a number, got {type(lr).__name__} {lr!r}")
+            if not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"Invalid lr in parameter group {index}: {lr!r} (expected a finite number >= 0); nothing was changed")
 
     def _is_state_init_call(self) -> bool:
         """Whether this first call has every lr 0 and every gradient 0: a request to create the state.
