@@ -426,6 +426,41 @@ def dcp_resume(name: str, rank: int, world: int, out: Path) -> dict[str, Any]:
     }
 
 
+def fsdp_bf16(rank: int, world: int, stochastic: bool) -> dict[str, Any]:
+    """bf16 parameters under FSDP2: float32 DTensor state, the trajectory of one process (to bf16 rounding)."""
+    spec = "adamw+gradient_accumulation+lookahead+ema"
+    kwargs = dict(lr=0.01, grad_accum_steps=2, steps_per_slow_update=2, ema_momentum=0.5, stochastic_rounding=stochastic)
+    data = batches()
+    ref = make_net().to(torch.bfloat16)
+    ref_opt = build(spec, kwargs, ref)
+    model = make_net().to(torch.bfloat16)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.fc)
+    fully_shard(model)
+    opt = build(spec, kwargs, model)
+    for batch in data:
+        tokens, target = batch
+        (ref(tokens) - target.to(torch.bfloat16)).float().pow(2).mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        tokens, target = shard_of(batch, rank, world)
+        (model(tokens) - target.to(torch.bfloat16)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    from danlu._distributed import is_dtensor
+
+    ours = dict(model.named_parameters())
+    diffs = [float((full(ours[n]).float() - p.float()).abs().max()) for n, p in ref.named_parameters()]
+    return {
+        "max_abs_diff": max(diffs),
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "state_dtypes": sorted({str(v.dtype) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0}),
+        "state_is_dtensor": all(is_dtensor(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0),
+        "finite": all(bool(torch.isfinite(full(p)).all()) for p in model.parameters()),
+    }
+
+
 def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]]:
     table: list[tuple[str, Callable[[], Any]]] = []
     for name, (spec, kwargs) in CASES.items():
@@ -434,6 +469,8 @@ def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]
     table.append(("ddp_accumulation", lambda: ddp_accumulation(rank, world)))
     table.append(("ddp_skip_nonfinite_local", lambda: ddp_skip_nonfinite_local(rank, world)))
     table.append(("fsdp_skip_nonfinite_one_shard", lambda: fsdp_skip_nonfinite_one_shard(rank, world)))
+    table.append(("fsdp_bf16", lambda: fsdp_bf16(rank, world, stochastic=False)))
+    table.append(("fsdp_bf16_stochastic_rounding", lambda: fsdp_bf16(rank, world, stochastic=True)))
     for name in DCP_SPECS:
         table.append((f"dcp:{name}", lambda n=name: dcp_resume(n, rank, world, out)))
     return table

@@ -142,6 +142,16 @@ def test_dcp_checkpoint_of_two_processes_loads_on_one(job: dict[str, Any], name:
             torch.testing.assert_close(p.detach(), expected["final_ema"][n], rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("name", ["fsdp_bf16", "fsdp_bf16_stochastic_rounding"])
+def test_bf16_parameters_under_fsdp2_have_float32_dtensor_state(job: dict[str, Any], name: str) -> None:
+    for rank in (0, 1):
+        r = result(job, name, rank)
+        assert r["param_dtypes"] == ["torch.bfloat16"] and r["state_dtypes"] == ["torch.float32"]
+        assert r["state_is_dtensor"] and r["finite"]
+        # bf16 gradients are summed in another order by the reduce-scatter: equal up to a bf16 ulp or two
+        assert r["max_abs_diff"] <= 2.0**-5
+
+
 def test_job_runtime_is_small(job: dict[str, Any]) -> None:
     """The whole distributed job (spawn included) stays well under the CI budget."""
     assert job["_wall_seconds"] < 120
