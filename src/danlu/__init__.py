@@ -1,6 +1,8 @@
 """danlu: optimizers and derived optimizers for PyTorch."""
 
-from danlu import distributed
+from danlu import distributed as distributed  # DDP gradient accumulation with one all-reduce per applied step
+from danlu import grouping as grouping  # timm-style parameter groups, layer-wise lr decay
+from danlu import integrations as integrations  # Trainer / Lightning helpers; imports no framework itself
 from danlu.base import DanluOptimizer
 from danlu.derive import (
     extend_with_exponential_moving_average,

@@ -111,7 +111,8 @@ def _check_group_options(opt: DerivationHost, index: int, saved: Mapping[str, An
     from danlu.base import DanluOptimizer
 
     if isinstance(opt, DanluOptimizer):
-        algorithm = [k for k in opt.defaults if k not in _derivation_keys()]
+        # "differentiable" is added to defaults by torch's __setstate__ (every load_state_dict), not by danlu
+        algorithm = [k for k in opt.defaults if k not in _derivation_keys() and k != "differentiable"]
         missing = [k for k in algorithm if k not in saved]
         if missing:
             raise ValueError(

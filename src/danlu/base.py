@@ -48,7 +48,13 @@ CHUNK_MIN_NUMEL = 1 << 20
 
 
 class DanluOptimizer(DerivationHost):
-    """Base class of danlu's optimizers (see the module docstring for the contract)."""
+    """Base class of danlu's optimizers (see the module docstring for the contract).
+
+    Example:
+        >>> import torch, danlu
+        >>> isinstance(danlu.Adam([torch.nn.Parameter(torch.zeros(1))]), danlu.DanluOptimizer)
+        True
+    """
 
     supports_sparse: ClassVar[bool] = False
 
@@ -193,7 +199,7 @@ class DanluOptimizer(DerivationHost):
                 self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(c_params, c_grads, c_states, c_lrs, c_steps)
             ]
         else:
-            updates = self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps)
+            updates = list(self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps))
         if self._danlu_derivations:
             self._apply_transforms(group, c_params, updates, c_grads, [names[i] for i in chunk], c_lrs)
         if group.get("stochastic_rounding"):

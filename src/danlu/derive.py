@@ -50,7 +50,13 @@ __all__ = [
 
 
 class ForeignHost(DerivationHost):
-    """The derivation step for a base that is not a danlu optimizer: snapshot, base ``step()``, transform."""
+    """The derivation step for a base that is not a danlu optimizer: snapshot, base ``step()``, transform.
+
+    Example:
+        >>> import torch, danlu
+        >>> issubclass(danlu.extend_with_lookahead(torch.optim.SGD), danlu.derive.ForeignHost)
+        True
+    """
 
     def _base_step(self, lr_scales: Sequence[float]) -> None:
         groups = self.param_groups
@@ -181,7 +187,20 @@ def _pattern_matches(derivation: Derivation, pattern: str, name: str) -> bool:
 
 
 def extend_with(base: type, derivation: Derivation, name: str | None = None) -> type:
-    """Return a subclass of ``base`` (any ``torch.optim.Optimizer`` subclass) with ``derivation`` applied last."""
+    """Return a subclass of ``base`` (any ``torch.optim.Optimizer`` subclass) with ``derivation`` applied last.
+
+    Example:
+        >>> import torch, danlu
+        >>> from danlu.derivations import Derivation
+        >>> class HalfLR(Derivation):   # a custom derivation: one hook
+        ...     name, title = "half_lr", "HalfLR"
+        ...     def lr_multiplier(self, group):
+        ...         return 0.5
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = extend_with(torch.optim.SGD, HalfLR())([w], lr=1.0)
+        >>> w.grad = torch.ones(1); _ = opt.step(); w.item()
+        -0.5
+    """
     factory = f"extend_with_{derivation.name}"
     if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
         raise TypeError(f"{factory}: expected a torch.optim.Optimizer subclass, got {base!r}")

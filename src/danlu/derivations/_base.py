@@ -47,7 +47,19 @@ def matches_any(patterns: tuple[str, ...], name: str) -> bool:
 
 
 class Derivation:
-    """Base class of the derivations: every hook is optional and does nothing by default."""
+    """Base class of the derivations: every hook is optional and does nothing by default.
+
+    Example:
+        >>> import torch, danlu
+        >>> class Freeze(Derivation):   # rewrites the proposed update of every tensor
+        ...     name, title, has_transform = "freeze", "Freeze", True
+        ...     def transform(self, host, group, olds, updates, grads, names, lrs):
+        ...         torch._foreach_zero_(updates)
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = danlu.derive.extend_with(danlu.Adam, Freeze())([w], lr=1.0)
+        >>> w.grad = torch.ones(1); _ = opt.step(); w.item()
+        1.0
+    """
 
     name: ClassVar[str] = ""
     """Short name used in ``create_optimizer`` specs and in state-dict signatures."""

@@ -45,6 +45,17 @@ class ExponentialMovingAverage(Derivation):
     around a block (evaluation, saving the averaged model). :math:`t` counts applied steps.
 
     Keyword arguments: ``ema_momentum=0.999`` (in [0, 1)).
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = danlu.extend_with_exponential_moving_average(danlu.SGD)([w], lr=1.0, ema_momentum=0.5)
+        >>> w.grad = torch.ones(1); _ = opt.step()   # w = -1, shadow = 0.5 * 0 + 0.5 * (-1)
+        >>> with opt.ema_weights(bias_correction=False):
+        ...     w.item()
+        -0.5
+        >>> w.item()
+        -1.0
     """
 
     name = "ema"

@@ -42,6 +42,15 @@ class GradientAccumulation(Derivation):
     a 16-bit parameter is float32. ``grad_accum_steps`` must be the same in every parameter group.
 
     Keyword arguments: ``grad_accum_steps=2`` (an int >= 1).
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = danlu.extend_with_gradient_accumulation(danlu.Adam)([w], lr=0.1, grad_accum_steps=2)
+        >>> for _ in range(4):
+        ...     w.grad = torch.ones(2); _ = opt.step()
+        >>> opt.param_groups[0]["calls"], opt.param_groups[0]["applied_steps"], opt.state[w]["step"].item()
+        (4, 2, 2.0)
     """
 
     name = "gradient_accumulation"

@@ -33,6 +33,14 @@ class LayerAdaptation(Derivation):
     ``extend_with_weight_decay(Adam)``, this is LAMB (``danlu.Lamb``).
 
     Keyword arguments: ``exclude_from_layer_adaptation=()``.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))   # ||w|| = 5
+        >>> opt = danlu.extend_with_layer_adaptation(danlu.SGD)([("w", w)], lr=0.1)
+        >>> w.grad = torch.tensor([1.0, 0.0]); _ = opt.step()  # d = [-0.1, 0], ||d / lr|| = 1: r = 5
+        >>> w.detach()
+        tensor([2.5000, 4.0000])
     """
 
     name = "layer_adaptation"

@@ -41,6 +41,17 @@ class LazyOptimization(Derivation):
     decays in the absent rows, as in bert4keras. :class:`danlu.LazyAdam` freezes the state too.
 
     Keyword arguments: ``include_in_lazy_optimization=()``.
+
+    Example:
+        >>> import torch, danlu
+        >>> emb = torch.nn.Parameter(torch.ones(3, 2))
+        >>> opt = danlu.extend_with_lazy_optimization(danlu.Adam)(
+        ...     [("emb", emb)], lr=0.5, include_in_lazy_optimization=["emb"])
+        >>> emb.grad = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]); _ = opt.step()
+        >>> emb.detach()   # only row 0 moved
+        tensor([[0.5000, 0.5000],
+                [1.0000, 1.0000],
+                [1.0000, 1.0000]])
     """
 
     name = "lazy"

@@ -37,6 +37,15 @@ class Lookahead(Derivation):
     weights live in ``state[p]["lookahead.slow"]``.
 
     Keyword arguments: ``steps_per_slow_update=5`` (an int >= 1), ``slow_step_size=0.5`` (in (0, 1]).
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = danlu.extend_with_lookahead(danlu.SGD)([w], lr=1.0, steps_per_slow_update=2, slow_step_size=0.5)
+        >>> for _ in range(2):   # fast weights: -1, -2; then slow = 0 + 0.5 * (-2 - 0) and w = slow
+        ...     w.grad = torch.ones(1); _ = opt.step()
+        >>> w.item()
+        -1.0
     """
 
     name = "lookahead"

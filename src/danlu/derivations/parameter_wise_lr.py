@@ -35,6 +35,15 @@ class ParameterWiseLR(Derivation):
     regular expression) and :math:`d` is the update so far. Tensors that no key matches keep :math:`d`.
 
     Keyword arguments: ``paramwise_lr_schedule={}`` (values finite and >= 0).
+
+    Example:
+        >>> import torch, danlu
+        >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> opt = danlu.extend_with_parameter_wise_lr(danlu.SGD)(
+        ...     [("a.weight", a), ("b.weight", b)], lr=1.0, paramwise_lr_schedule={"a.": 0.5})
+        >>> a.grad = torch.ones(1); b.grad = torch.ones(1); _ = opt.step()
+        >>> a.item(), b.item()
+        (-0.5, -1.0)
     """
 
     name = "paramwise_lr"

@@ -23,6 +23,16 @@ class PiecewiseLinearLR(Derivation):
     scheduler sets :math:`\eta`, this multiplies it. Buffering calls of gradient accumulation do not count.
 
     Keyword arguments: ``lr_schedule={0: 1}``.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = danlu.extend_with_piecewise_linear_lr(danlu.SGD)([w], lr=1.0, lr_schedule={2: 1.0})
+        >>> for _ in range(3):   # multipliers 0, 0.5, 1
+        ...     w.grad = torch.ones(1); _ = opt.step(); print(w.item())
+        0.0
+        -0.5
+        -1.5
     """
 
     name = "piecewise_linear_lr"

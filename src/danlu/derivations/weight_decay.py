@@ -28,6 +28,13 @@ class WeightDecay(Derivation):
     ``torch.optim.AdamW``.
 
     Keyword arguments: ``weight_decay_rate=0.01`` (>= 0), ``exclude_from_weight_decay=()``.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = danlu.extend_with_weight_decay(danlu.SGD)([("w", w)], lr=0.5, weight_decay_rate=0.1)
+        >>> w.grad = torch.zeros(1); _ = opt.step(); round(w.item(), 6)   # 1 - 0.5 * 0.1 * 1
+        0.95
     """
 
     name = "weight_decay"
