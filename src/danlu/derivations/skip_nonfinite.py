@@ -44,6 +44,15 @@ class SkipNonfinite(Derivation):
     Keyword arguments: ``max_consecutive_skips=None``: with an int ``n >= 1``, the call that would
     be the ``n + 1``-th skip in a row raises ``FloatingPointError`` instead (nothing changes), so
     that a diverged run stops instead of skipping forever.
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = danlu.extend_with_skip_nonfinite(danlu.SGD)([w], lr=0.5, max_consecutive_skips=3)
+        >>> w.grad = torch.tensor([float("inf"), 1.0]); _ = opt.step()   # dropped
+        >>> w.grad = torch.tensor([1.0, 1.0]); _ = opt.step()            # applied
+        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], opt.param_groups[0]["calls"]
+        (tensor([0.5000, 0.5000]), 1, 1)
     """
 
     name = "skip_nonfinite"
