@@ -317,7 +317,7 @@ def corrupt(state: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     where: Any = state
     keys = path.split("/")
     for key in keys[:-1]:
-        where = where[int(key) if isinstance(where, list) or key.isdigit() and int(key) in where else key]
+        where = where[int(key) if isinstance(where, list) or (key.isdigit() and int(key) in where) else key]
     last: Any = keys[-1]
     if isinstance(where, dict) and where and all(isinstance(k, int) for k in where):
         last = int(last)

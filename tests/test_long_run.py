@@ -35,7 +35,7 @@ def test_ten_thousand_calls_of_a_derived_stack_do_not_grow() -> None:
         steps_per_slow_update=5,
         ema_momentum=0.999,
     )
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     generator = torch.Generator().manual_seed(1)
     grads = [[torch.randn(p.shape, generator=generator) * 0.1 for p in params] for _ in range(16)]
     for g in grads:

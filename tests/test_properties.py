@@ -208,7 +208,7 @@ def test_k_accumulation_calls_equal_one_step_with_the_mean(base: str, shape_list
         grads = [gradients(plain_pairs, seed + 10 * cycle + i) for i in range(k)]
         mean = [sum(g[j] for g in grads) / k for j in range(len(plain_pairs))]
         step_with(plain, plain_pairs, mean)
-        inner_before = {key: value for key, value in state_snapshot(accum)["state"].items()}
+        inner_before = dict(state_snapshot(accum)["state"].items())
         for i, g in enumerate(grads):
             step_with(accum, accum_pairs, g)
             if i < k - 1:  # buffering: nothing but the buffer changes
@@ -345,7 +345,7 @@ def test_a_failed_step_leaves_parameters_lr_and_state_as_they_were(
     assert all(torch.equal(p, b) for (_, p), b in zip(pairs, before_params))
     after_lrs = [g["lr"] for g in opt.param_groups]
     assert [repr(x) for x in after_lrs] == [repr(x) for x in before_lrs]
-    assert same(before_state, state_snapshot(opt)) or failure == "nan_lr" and same_but_nan(before_state, state_snapshot(opt))
+    assert same(before_state, state_snapshot(opt)) or (failure == "nan_lr" and same_but_nan(before_state, state_snapshot(opt)))
 
 
 def same_but_nan(a: Any, b: Any) -> bool:

@@ -23,10 +23,11 @@ collective and no overhead beyond one ``isinstance`` check.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeIs
 
 __all__ = [
     "DTensor",
@@ -45,17 +46,20 @@ __all__ = [
     "local",
 ]
 
-try:  # torch >= 2.5 has the public module; 2.4 keeps it under _tensor
-    from torch.distributed.tensor import DTensor, Replicate  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - builds without distributed support
-    try:
-        from torch.distributed._tensor import DTensor, Replicate  # type: ignore[no-redef]
-    except Exception:
-        DTensor = None  # type: ignore[assignment,misc]
-        Replicate = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor, Replicate
+else:
+    try:  # torch >= 2.5 has the public module; 2.4 keeps it under _tensor
+        from torch.distributed.tensor import DTensor, Replicate
+    except Exception:  # pragma: no cover - builds without distributed support
+        try:
+            from torch.distributed._tensor import DTensor, Replicate
+        except Exception:
+            DTensor = None
+            Replicate = None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeIs[DTensor]:
     """Whether ``t`` is a DTensor (an ``nn.Parameter`` of FSDP2 is one)."""
     return DTensor is not None and isinstance(t, DTensor)
 

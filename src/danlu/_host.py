@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
-from numbers import Real
 from collections.abc import Callable, Sequence
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +24,7 @@ from torch.optim.optimizer import required
 
 from danlu._distributed import all_zero
 from danlu._params import normalize_group
-from danlu._state import normalize_loaded_groups, check_state_dict, keep_state_dtypes, restore_derivation_state
+from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
 
 __all__ = ["DerivationHost"]
@@ -142,7 +142,7 @@ class DerivationHost(torch.optim.Optimizer):
                 continue
             if isinstance(lr, bool) or not isinstance(lr, Real):
                 raise TypeError(f"Invalid lr in parameter group {index}: expected a number, got {type(lr).__name__} {lr!r}")
-            if not (lr >= 0 and math.isfinite(lr)):
+            if not (float(lr) >= 0 and math.isfinite(float(lr))):
                 raise ValueError(f"Invalid lr in parameter group {index}: {lr!r} (expected a finite number >= 0); nothing was changed")
 
     def _is_state_init_call(self) -> bool:
@@ -236,7 +236,7 @@ class _Undo:
     entries that the failed call created, such as Lookahead's slow weights of a first step.
     """
 
-    __slots__ = ("host", "groups", "state_len")
+    __slots__ = ("groups", "host", "state_len")
 
     def __init__(self, host: DerivationHost) -> None:
         self.host = host
@@ -249,5 +249,5 @@ class _Undo:
                 if group.get(key, value) is not value:
                     group[key] = value
         if len(self.host.state) > self.state_len:
-            for key in list(self.host.state)[self.state_len :]:
-                del self.host.state[key]
+            for p in list(self.host.state)[self.state_len :]:
+                del self.host.state[p]

@@ -23,6 +23,11 @@ in float32 for bfloat16 and float16 parameters, whose updates are computed in
 float32 and rounded once when written (16-bit moments underflow: Adam's
 ``(1 - beta2) * g**2`` and an ``eps`` of 1e-8 are zero in float16). Step
 counters are float32 CPU scalars; ``load_state_dict`` keeps the saved dtypes.
+The constructor keywords ``state_dtype`` (another dtype for the state and the
+arithmetic) and ``stochastic_rounding`` (unbiased rounding of bfloat16 writes)
+change this policy; see :mod:`danlu._precision`. Under FSDP2 the parameters,
+gradients and state are DTensors; every reduction goes through
+:mod:`danlu._distributed` so that it is taken over the whole tensor.
 """
 
 from __future__ import annotations

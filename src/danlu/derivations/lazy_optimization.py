@@ -22,7 +22,7 @@ def present_rows_mask(grad: Tensor, like: Tensor) -> Tensor:
         return grad.ne(0).to(like.dtype)
     # settle: over a sharded last axis (a 1-D FSDP2 parameter) `any` is a pending sum of booleans
     mask = settle(grad.ne(0).any(dim=-1, keepdim=True)).to(like.dtype)
-    if is_dtensor(mask) and tuple(mask.placements) != tuple(like.placements):
+    if is_dtensor(mask) and is_dtensor(like) and tuple(mask.placements) != tuple(like.placements):
         mask = placed_like(mask.expand(like.shape), like)  # in-place ops keep the update's placements
     return mask
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -57,7 +57,7 @@ class SkipNonfinite(Derivation):
 
     name = "skip_nonfinite"
     title = "SkipNonfinite"
-    defaults: dict[str, Any] = {"max_consecutive_skips": None}
+    defaults: ClassVar[dict[str, Any]] = {"max_consecutive_skips": None}
     counters = (SKIPS, CONSECUTIVE_SKIPS)
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
