@@ -92,10 +92,11 @@ def test_bad_constructor_argument_names_the_argument(cls: type, kwargs: dict[str
         cls(params(), **kwargs)
 
 
-@pytest.mark.parametrize("cls,kwargs,error,argument", BAD_CONSTRUCTOR_ARGS, ids=lambda v: str(v)[:40])
+GROUP_ARGS = [case for case in BAD_CONSTRUCTOR_ARGS if "foreach" not in case[1]]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,argument", GROUP_ARGS, ids=lambda v: str(v)[:40])
 def test_bad_group_argument_names_the_argument(cls: type, kwargs: dict[str, Any], error: type, argument: str) -> None:
-    if "foreach" in kwargs:
-        pytest.skip("foreach is a constructor option")
     good = {"lr": 0.1} if cls is danlu.SGD else {}
     with pytest.raises(error, match=re.escape(argument)):
         cls([{"params": [p for _, p in params()], **kwargs}], **good)

@@ -1,5 +1,6 @@
 """danlu: optimizers and derived optimizers for PyTorch."""
 
+from danlu import distributed as distributed  # DDP gradient accumulation with one all-reduce per applied step
 from danlu import grouping as grouping  # timm-style parameter groups, layer-wise lr decay
 from danlu import integrations as integrations  # Trainer / Lightning helpers; imports no framework itself
 from danlu.base import DanluOptimizer
@@ -11,6 +12,7 @@ from danlu.derive import (
     extend_with_lookahead,
     extend_with_parameter_wise_lr,
     extend_with_piecewise_linear_lr,
+    extend_with_skip_nonfinite,
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
@@ -42,5 +44,7 @@ __all__ = [
     "extend_with_lazy_optimization",
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
+    "extend_with_skip_nonfinite",
     "create_optimizer",
+    "distributed",
 ]

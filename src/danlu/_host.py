@@ -15,14 +15,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from danlu._distributed import all_zero
 from danlu._params import normalize_group
-from danlu._state import check_state_dict, keep_state_dtypes, restore_derivation_state
+from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
 
 __all__ = ["DerivationHost"]
@@ -54,8 +56,8 @@ class DerivationHost(torch.optim.Optimizer):
             group.update(derivation.validate(group))
         existing = getattr(self, "param_groups", None)
         template = existing[0] if existing else {}
-        group.setdefault(APPLIED_STEPS, template.get(APPLIED_STEPS, 0))
-        group.setdefault(CALLS, template.get(CALLS, 0))
+        for key in (APPLIED_STEPS, CALLS, *(c for d in self._danlu_derivations for c in d.counters)):
+            group.setdefault(key, template.get(key, 0))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the algorithm's hyperparameters of one group (danlu's optimizers override this)."""
@@ -69,8 +71,9 @@ class DerivationHost(torch.optim.Optimizer):
         derivations' entries are set aside while the base optimizer loads its own, so that a base
         which inspects its state on load sees only what it wrote.
         """
+        state_dict = normalize_loaded_groups(self, state_dict)
         check_state_dict(self, state_dict)
-        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        keys = tuple(dict.fromkeys(key for d in self._danlu_derivations for key in d.state_keys))  # one order on every process
         base_part = {
             **state_dict,
             "state": {pid: {k: v for k, v in entry.items() if k not in keys} for pid, entry in state_dict["state"].items()},
@@ -90,11 +93,25 @@ class DerivationHost(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        self._check_lrs()
+        if not self.state and self._is_state_init_call():
+            self._init_all_state()
+            return loss
         derivations = self._danlu_derivations
         if not derivations:
             self._base_step([1.0] * len(self.param_groups))
             return loss
-        if not all([d.accumulate(self) for d in derivations]):
+        for derivation in derivations:
+            derivation.check(self)
+        if any(d.skip(self) for d in derivations):
+            return loss
+        undo = _Undo(self)
+        try:
+            applies = all([d.accumulate(self) for d in derivations])
+        except BaseException:
+            undo.restore()
+            raise
+        if not applies:
             self._count(CALLS)
             return loss
         failed = True
@@ -110,6 +127,9 @@ class DerivationHost(torch.optim.Optimizer):
                 for group in self.param_groups:
                     derivation.after_step(self, group, self._after_step_params(index, group))
             failed = False
+        except BaseException:
+            undo.restore()
+            raise
         finally:
             for derivation in derivations:
                 derivation.finish(self, failed)
@@ -125,6 +145,47 @@ class DerivationHost(torch.optim.Optimizer):
     def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
         """Whether the base step averages ``p``'s accumulated gradient itself (in its fused pass)."""
         return False
+
+    def _check_lrs(self) -> None:
+        """Refuse, before anything changes, an lr that a scheduler or a hand set to nan, inf or < 0."""
+        for index, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            if lr is None or isinstance(lr, Tensor):
+                continue
+            if isinstance(lr, bool) or not isinstance(lr, Real):
+                raise TypeError(f"Invalid lr in parameter group {index}: expected a number, got {type(lr).__name__} {lr!r}")
+            if not (float(lr) >= 0 and math.isfinite(float(lr))):
+                raise ValueError(f"Invalid lr in parameter group {index}: {lr!r} (expected a finite number >= 0); nothing was changed")
+
+    def _is_state_init_call(self) -> bool:
+        """Whether this first call has every lr 0 and every gradient 0: a request to create the state.
+
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` creates the state of an
+        optimizer that has none with exactly such a call (zero gradients for every parameter that
+        requires one, lr 0 in every group), to learn the state's keys and shapes. For a derived
+        optimizer that call is not a step: it would count for the counters, the schedule, the
+        accumulation cycle, the bias correction and EMA. So it creates the state that the first
+        step creates (zeros, Lookahead's slow weights) and changes nothing else.
+        """
+        groups = self.param_groups
+        for group in groups:
+            lr = group.get("lr", 0.0)
+            if lr is None or (float(lr.item()) if isinstance(lr, Tensor) else float(lr)) != 0.0:
+                return False
+        grads = [p.grad for g in groups for p in g["params"] if p.requires_grad]
+        if not grads or any(g is None for g in grads):
+            return False
+        return all_zero(grads)
+
+    def _init_all_state(self) -> None:
+        self._init_base_state()
+        for derivation in self._danlu_derivations:
+            for group in self.param_groups:
+                derivation.init_state(self, group, [p for p in group["params"] if p.grad is not None])
+
+    def _init_base_state(self) -> None:
+        """Create the base optimizer's state as its first step would (the base's own step for a foreign base)."""
+        raise NotImplementedError
 
     def _count(self, key: str) -> None:
         for group in self.param_groups:
@@ -176,3 +237,29 @@ class DerivationHost(torch.optim.Optimizer):
     def _names(group: dict[str, Any]) -> list[str | None]:
         names = group.get("param_names")
         return list(names) if names is not None else [None] * len(group["params"])
+
+
+class _Undo:
+    """What a failed step puts back, recorded cheaply before the step.
+
+    Every error that danlu can foresee (bad gradients, misuse, a closure that raises) is raised
+    before anything changes. For an error raised later (a base optimizer's arithmetic, an
+    interrupt), this puts back the group entries (``lr``, the counters) and removes the state
+    entries that the failed call created, such as Lookahead's slow weights of a first step.
+    """
+
+    __slots__ = ("groups", "host", "state_len")
+
+    def __init__(self, host: DerivationHost) -> None:
+        self.host = host
+        self.groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in host.param_groups]
+        self.state_len = len(host.state)
+
+    def restore(self) -> None:
+        for group, saved in zip(self.host.param_groups, self.groups):
+            for key, value in saved.items():
+                if group.get(key, value) is not value:
+                    group[key] = value
+        if len(self.host.state) > self.state_len:
+            for p in list(self.host.state)[self.state_len :]:
+                del self.host.state[p]

@@ -9,7 +9,7 @@ shapes, or with missing entries, and it keeps the dtypes of the saved state
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +35,38 @@ def saved_params(opt: DerivationHost, state_dict: Mapping[str, Any]) -> dict[Any
             label = repr(names[i]) if names[i] is not None else f"{i} of group {g}"
             mapping[saved_id] = (p, group, f"parameter {label}")
     return mapping
+
+
+def normalize_loaded_groups(opt: DerivationHost, state_dict: Any) -> Any:
+    """Undo what a trip through ``torch.distributed.checkpoint`` does to danlu's group options.
+
+    DCP flattens nested dicts into paths, so the int steps of ``lr_schedule`` come back as strings,
+    merged into the dict of the optimizer that the checkpoint is loaded into: ``{0: 1.0, '0': 0.5}``.
+    The string keys are the saved ones: they are kept, as ints. Then every derivation option of every
+    saved group is validated like a constructor argument (a ``ValueError`` or ``TypeError`` names it).
+    Returns a shallow copy with new group dicts; ``state_dict`` itself is not changed.
+    """
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
+        return state_dict
+    groups = []
+    for saved in state_dict["param_groups"]:
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state_dict['param_groups'] must hold dicts, got {type(saved).__name__}")
+        group = dict(saved)
+        for derivation in opt._danlu_derivations:
+            for key, default in derivation.defaults.items():
+                int_keyed = isinstance(default, Mapping) and default and all(isinstance(k, int) for k in default)
+                if int_keyed and isinstance(group.get(key), Mapping):
+                    group[key] = _int_keys(group[key])
+            group.update(derivation.validate(group))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
+
+
+def _int_keys(mapping: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The saved (string, from DCP) int keys of a schedule if there are any, else the mapping as it is."""
+    saved = {int(k): v for k, v in mapping.items() if isinstance(k, str) and k.isdigit()}
+    return saved if saved else dict(mapping)
 
 
 def check_state_dict(opt: DerivationHost, state_dict: Any) -> None:
@@ -141,7 +173,7 @@ def _base_template(opt: DerivationHost, p: Tensor, group: Mapping[str, Any]) -> 
     return {k: tuple(v.shape) for k, v in template.items() if isinstance(v, Tensor)}
 
 
-def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any], keys: set[str]) -> None:
+def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any], keys: Collection[str]) -> None:
     """Copy the derivations' saved entries into ``opt.state``, on each parameter's device, dtypes kept."""
     mapping = saved_params(opt, state_dict)
     for saved_id, entry in state_dict["state"].items():
@@ -152,12 +184,20 @@ def restore_derivation_state(opt: DerivationHost, state_dict: Mapping[str, Any],
 
 
 def keep_state_dtypes(opt: DerivationHost, state_dict: Mapping[str, Any]) -> None:
-    """Undo torch's cast of floating-point state to the parameter dtype: keep the saved dtypes."""
+    """Undo torch's cast of floating-point state to the parameter dtype: keep the saved dtypes.
+
+    Also never share a tensor with ``state_dict``: torch keeps the ``step`` tensors as they are, so
+    loading another optimizer's live ``state_dict()`` would make both count each other's steps.
+    """
     mapping = saved_params(opt, state_dict)
     for saved_id, entry in state_dict["state"].items():
         p = mapping[saved_id][0]
         loaded = opt.state[p]
         for key, value in entry.items():
             current = loaded.get(key)
-            if isinstance(value, Tensor) and isinstance(current, Tensor) and current.dtype != value.dtype:
+            if not (isinstance(value, Tensor) and isinstance(current, Tensor)):
+                continue
+            if current.dtype != value.dtype:
                 loaded[key] = value.to(device=current.device, copy=True)
+            elif current is value:
+                loaded[key] = value.clone()

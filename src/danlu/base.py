@@ -23,6 +23,11 @@ in float32 for bfloat16 and float16 parameters, whose updates are computed in
 float32 and rounded once when written (16-bit moments underflow: Adam's
 ``(1 - beta2) * g**2`` and an ``eps`` of 1e-8 are zero in float16). Step
 counters are float32 CPU scalars; ``load_state_dict`` keeps the saved dtypes.
+The constructor keywords ``state_dtype`` (another dtype for the state and the
+arithmetic) and ``stochastic_rounding`` (unbiased rounding of bfloat16 writes)
+change this policy; see :mod:`danlu._precision`. Under FSDP2 the parameters,
+gradients and state are DTensors; every reduction goes through
+:mod:`danlu._distributed` so that it is taken over the whole tensor.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch import Tensor
 from danlu import _fused
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
+from danlu._precision import add_rounded_, check_state_dtype, compute_dtype
 from danlu._validate import check_bool, check_number
 
 __all__ = ["DanluOptimizer", "ParamsT"]
@@ -58,11 +64,22 @@ class DanluOptimizer(DerivationHost):
 
     supports_sparse: ClassVar[bool] = False
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, foreach: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        *,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+    ) -> None:
         if foreach is not None:
             check_bool("foreach", foreach)
+        check_state_dtype(state_dtype)
+        check_bool("stochastic_rounding", stochastic_rounding)
         self._check_hyperparameters(defaults)
-        super().__init__(normalize_params(params), {**defaults, "foreach": foreach})
+        precision = {"state_dtype": state_dtype, "stochastic_rounding": stochastic_rounding}
+        super().__init__(normalize_params(params), {**defaults, "foreach": foreach, **precision})
 
     # ------------------------------------------------------------ algorithm
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
@@ -70,6 +87,8 @@ class DanluOptimizer(DerivationHost):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_hyperparameters(group)
+        check_state_dtype(group.get("state_dtype"))
+        check_bool("stochastic_rounding", group.get("stochastic_rounding", False))
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         """Create the algorithm's state for ``p`` (``state["step"]`` is created by the skeleton)."""
@@ -93,6 +112,14 @@ class DanluOptimizer(DerivationHost):
     def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
         """The learning rate of this step before any derivation's multiplier."""
         return float(group["lr"])
+
+    def _param_salt(self, p: Tensor) -> int:
+        """A number that identifies ``p``'s place in the optimizer, the same in every run (stochastic rounding)."""
+        cache: dict[int, int] = self.__dict__.setdefault("_danlu_salt_cache", {})
+        if id(p) not in cache:
+            for g, group in enumerate(self.param_groups):
+                cache.update({id(q): (g << 24) + i for i, q in enumerate(group["params"])})
+        return cache.get(id(p), 0)
 
     def _param_name(self, group: Mapping[str, Any], p: Tensor) -> str | None:
         """The name of ``p`` in ``group`` (None for an optimizer built without names)."""
@@ -135,13 +162,23 @@ class DanluOptimizer(DerivationHost):
     def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
         return _fused.defer_mean(self, group, p, buffer, steps)
 
+    def _init_base_state(self) -> None:
+        """Create the state that the first step creates, without a step (see ``DerivationHost.step``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is not None and "step" not in state:
+                    compute = compute_dtype(p, group.get("state_dtype"))
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
+
     def _group_step(self, group: dict[str, Any], scale: float) -> None:
         names_all = self._names(group)
         params, grads, states, names = [], [], [], []
         for p, name in zip(group["params"], names_all):
             if p.grad is None:
                 continue
-            compute = compute_dtype(p)
+            compute = compute_dtype(p, group.get("state_dtype"))
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -190,12 +227,10 @@ class DanluOptimizer(DerivationHost):
             updates = list(self._update_foreach(group, c_params, c_grads, c_states, c_lrs, c_steps))
         if self._danlu_derivations:
             self._apply_transforms(group, c_params, updates, c_grads, [names[i] for i in chunk], c_lrs)
-        _add_updates(c_params, updates)
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype of the state and the arithmetic for ``p``: float32 for 16-bit parameters, else its own."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        if group.get("stochastic_rounding"):
+            add_rounded_(c_params, updates, [self._param_salt(p) for p in c_params], c_steps)
+        else:
+            _add_updates(c_params, updates)
 
 
 def _add_updates(params: list[Tensor], updates: list[Tensor]) -> None:
@@ -203,7 +238,7 @@ def _add_updates(params: list[Tensor], updates: list[Tensor]) -> None:
         torch._foreach_add_(params, updates)
         return
     for p, u in zip(params, updates):
-        p.add_(u.to(p.dtype))
+        p.add_(u)  # computed in u's (wider) dtype and rounded once; u.to(p.dtype) first would round twice
 
 
 def _chunks(params: list[Tensor], grads: list[Tensor], use_foreach: bool) -> list[list[int]]:

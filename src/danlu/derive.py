@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import foreach_copy_
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
 from danlu.derivations import (
@@ -28,6 +29,7 @@ from danlu.derivations import (
     Lookahead,
     ParameterWiseLR,
     PiecewiseLinearLR,
+    SkipNonfinite,
     WeightDecay,
 )
 from danlu.derivations._base import matches_any
@@ -43,6 +45,7 @@ __all__ = [
     "extend_with_lazy_optimization",
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
+    "extend_with_skip_nonfinite",
 ]
 
 
@@ -69,7 +72,7 @@ class ForeignHost(DerivationHost):
             self._step_foreign_base()
         except BaseException:
             for group, (indices, olds) in zip(groups, snapshots):
-                torch._foreach_copy_([group["params"][i] for i in indices], olds)
+                foreach_copy_([group["params"][i] for i in indices], olds)
             raise
         finally:
             for group, lr in zip(groups, saved_lrs):
@@ -77,13 +80,16 @@ class ForeignHost(DerivationHost):
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
             self._transform_snapshot(group, snapshot, lr)
 
+    def _init_base_state(self) -> None:
+        self._step_foreign_base()  # lr 0 and zero gradients: what torch.distributed.checkpoint does for any optimizer
+
     def _step_foreign_base(self) -> None:
         """Run Base.step() with the derivations' state entries out of its sight.
 
         Many optimizers initialize a parameter's state when ``len(state) == 0``; the derivations'
         namespaced entries are set aside for the call and put back after it.
         """
-        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        keys = tuple(dict.fromkeys(key for d in self._danlu_derivations for key in d.state_keys))  # one order on every process
         hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
         if keys:
             for state in self.state.values():
@@ -338,6 +344,24 @@ def extend_with_parameter_wise_lr(BaseOptimizer: type, name: str | None = None) 
     return extend_with(BaseOptimizer, ParameterWiseLR(), name)
 
 
+def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> type:
+    """Drop every call whose gradients contain inf or nan: nothing changes, ``nonfinite_skips`` counts it.
+
+    Keyword arguments: ``max_consecutive_skips=None``. See :class:`danlu.derivations.SkipNonfinite`
+    (not a bert4keras derivation: danlu's policy for non-finite gradients).
+
+    Example:
+        >>> import torch, danlu
+        >>> Safe = danlu.extend_with_skip_nonfinite(danlu.AdamW)
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = Safe([w], lr=0.1)
+        >>> w.grad = torch.tensor([1.0, float("nan")]); _ = opt.step()
+        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], opt.param_groups[0]["applied_steps"]
+        (tensor([1., 1.]), 1, 0)
+    """
+    return extend_with(BaseOptimizer, SkipNonfinite(), name)
+
+
 assert {d.name for d in ALL_DERIVATIONS} == {
     WeightDecay.name,
     LayerAdaptation.name,
@@ -347,4 +371,5 @@ assert {d.name for d in ALL_DERIVATIONS} == {
     LazyOptimization.name,
     ExponentialMovingAverage.name,
     ParameterWiseLR.name,
+    SkipNonfinite.name,
 }

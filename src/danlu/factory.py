@@ -58,6 +58,7 @@ _DERIVATIONS: dict[str, Callable[[type], type]] = {
     "lazy": derive.extend_with_lazy_optimization,
     "ema": derive.extend_with_exponential_moving_average,
     "paramwise_lr": derive.extend_with_parameter_wise_lr,
+    "skip_nonfinite": derive.extend_with_skip_nonfinite,
 }
 
 _ALIASES = {
@@ -73,6 +74,8 @@ _ALIASES = {
     "lazy_optimization": "lazy",
     "exponential_moving_average": "ema",
     "parameter_wise_lr": "paramwise_lr",
+    "nonfinite": "skip_nonfinite",
+    "skip_nan": "skip_nonfinite",
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)

@@ -8,6 +8,7 @@ from danlu.derivations.lazy_optimization import LazyOptimization
 from danlu.derivations.lookahead import Lookahead
 from danlu.derivations.parameter_wise_lr import ParameterWiseLR
 from danlu.derivations.piecewise_linear_lr import PiecewiseLinearLR
+from danlu.derivations.skip_nonfinite import SkipNonfinite
 from danlu.derivations.weight_decay import WeightDecay
 
 ALL_DERIVATIONS: tuple[Derivation, ...] = (
@@ -19,8 +20,9 @@ ALL_DERIVATIONS: tuple[Derivation, ...] = (
     LazyOptimization(),
     ExponentialMovingAverage(),
     ParameterWiseLR(),
+    SkipNonfinite(),
 )
-"""One instance of every derivation, in the order of the contract's table."""
+"""One instance of every derivation, in the order of the contract's table (then danlu's additions)."""
 
 __all__ = [
     "ALL_DERIVATIONS",
@@ -33,4 +35,5 @@ __all__ = [
     "LazyOptimization",
     "ExponentialMovingAverage",
     "ParameterWiseLR",
+    "SkipNonfinite",
 ]

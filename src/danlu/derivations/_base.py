@@ -3,6 +3,9 @@
 A derivation is a small set of hooks that the step of a derived optimizer calls
 in a fixed order (see :mod:`danlu._host`):
 
+0. ``check`` (every derivation, before anything changes): raise if this call
+   cannot be taken; then ``skip``: may drop the call entirely, before any other
+   hook of any derivation (non-finite gradients);
 1. ``accumulate``: may withhold the step (gradient accumulation);
 2. ``lr_multiplier``: scales the group's learning rate for this step;
 3. ``prepare``: creates state that must see the parameters before the update;
@@ -29,7 +32,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
-__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "APPLIED_STEPS", "CALLS"]
+__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "wide_dtype", "APPLIED_STEPS", "CALLS"]
 
 APPLIED_STEPS = "applied_steps"
 """Param-group key: the number of steps applied so far (buffering calls excluded)."""
@@ -70,6 +73,8 @@ class Derivation:
     """Namespaced keys of the parameter-shaped tensors this derivation keeps in ``state[p]``."""
     required_state: ClassVar[tuple[str, ...]] = ()
     """State keys every parameter of a group has once the group applied a step."""
+    counters: ClassVar[tuple[str, ...]] = ()
+    """Param-group keys of integer counters this derivation keeps (start at 0, saved in ``state_dict``)."""
     has_transform: ClassVar[bool] = False
     methods: ClassVar[dict[str, Any]] = {}
     """Methods added to the derived class (``apply_ema_weights`` ...)."""
@@ -81,6 +86,13 @@ class Derivation:
     def patterns(self, group: Mapping[str, Any]) -> dict[str, Sequence[str]]:
         """The name patterns this group uses, by option name (for the 'needs names' and 'matches nothing' checks)."""
         return {}
+
+    def check(self, host: DerivationHost) -> None:
+        """Called on every ``step()`` before anything changes: raise if the call cannot be taken."""
+
+    def skip(self, host: DerivationHost) -> bool:
+        """Called on every ``step()`` before every other hook; return True to drop the call (nothing changes)."""
+        return False
 
     def accumulate(self, host: DerivationHost) -> bool:
         """Called on every ``step()``; return False to withhold the step (the call only buffers)."""
@@ -111,6 +123,9 @@ class Derivation:
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """After the update is written and ``group[APPLIED_STEPS]`` counts it."""
 
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Create the state entries that the first step creates, with their values before any step."""
+
     def finish(self, host: DerivationHost, failed: bool) -> None:
         """After a step that ``accumulate`` let through, whether it succeeded or raised."""
 
@@ -120,6 +135,19 @@ class Derivation:
         if key not in state:
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state[key]
+
+
+def wide_dtype(group: Mapping[str, Any], p: Tensor) -> torch.dtype:
+    """The dtype of a derivation's parameter-shaped state (slow weights, EMA weights) for ``p``.
+
+    The wider of the parameter's dtype and the group's state dtype (``danlu._precision``): float32
+    for 16-bit parameters by default, never narrower than the parameter.
+    """
+    from danlu._precision import compute_dtype
+
+    if not p.is_floating_point():
+        return p.dtype
+    return torch.promote_types(p.dtype, compute_dtype(p, group.get("state_dtype")))
 
 
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:

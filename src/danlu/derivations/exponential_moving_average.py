@@ -10,15 +10,24 @@ import torch
 from torch import Tensor
 
 from danlu._validate import check_bool, check_number
-from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype
+from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "EMAWeightsError"]
 
 SHADOW = "ema.shadow"
 _BACKUP = "_danlu_ema_backup"
+
+
+class EMAWeightsError(ValueError, RuntimeError):
+    """A call that does not fit the EMA weights' state: apply before any step, reset without apply,
+    apply twice, or ``step()`` while the averaged weights are in the model.
+
+    A ``ValueError`` (a bad call, like the other bad inputs of danlu) and a ``RuntimeError`` (the
+    optimizer is in the wrong state for it), so that either ``except`` catches it. Nothing changes.
+    """
 
 
 class ExponentialMovingAverage(Derivation):
@@ -60,23 +69,38 @@ class ExponentialMovingAverage(Derivation):
             return {}
         return {"ema_momentum": check_number("ema_momentum", options["ema_momentum"], low=0.0, high=1.0, high_open=True)}
 
+    def check(self, host: DerivationHost) -> None:
+        if _BACKUP in host.__dict__:
+            raise EMAWeightsError(
+                "step() while the averaged weights are applied (apply_ema_weights()): it would train the averaged "
+                "weights and reset_old_weights() would then discard the step; call reset_old_weights() first"
+            )
+
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            self.zeros_state(host, p, SHADOW, wide_dtype(group, p))
+
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
-        shadows = [self.zeros_state(host, p, SHADOW) for p in params]
+        shadows = [self.zeros_state(host, p, SHADOW, wide_dtype(group, p)) for p in params]
+        weight = 1.0 - group["ema_momentum"]
         for bucket in by_device_and_dtype(params):
-            torch._foreach_lerp_([shadows[i] for i in bucket], [params[i] for i in bucket], 1.0 - group["ema_momentum"])
+            targets = [shadows[i] for i in bucket]
+            sources = [params[i] if params[i].dtype == shadows[i].dtype else params[i].to(shadows[i].dtype) for i in bucket]
+            torch._foreach_lerp_(targets, sources, weight)
 
 
 def apply_ema_weights(self: DerivationHost, bias_correction: bool = True) -> None:
     """Swap the averaged weights into the parameters (divided by ``1 - momentum**t`` with bias correction).
 
-    The training weights are kept aside until :meth:`reset_old_weights`. Raises ``RuntimeError``
-    before any applied step (there is no average yet) or when the averaged weights are already in.
+    The training weights are kept aside until :meth:`reset_old_weights`. Raises
+    :class:`EMAWeightsError` (a ``ValueError`` and a ``RuntimeError``) before any applied step (there
+    is no average yet) or when the averaged weights are already in; nothing changes then.
     """
     check_bool("bias_correction", bias_correction)
     if _BACKUP in self.__dict__:
-        raise RuntimeError("apply_ema_weights(): the averaged weights are already applied; call reset_old_weights() first")
+        raise EMAWeightsError("apply_ema_weights(): the averaged weights are already applied; call reset_old_weights() first")
     if all(group[APPLIED_STEPS] == 0 for group in self.param_groups):
-        raise RuntimeError("apply_ema_weights() before any optimizer step: there are no averaged weights yet")
+        raise EMAWeightsError("apply_ema_weights() before any optimizer step: there are no averaged weights yet")
     backup: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
         for group in self.param_groups:
@@ -87,7 +111,7 @@ def apply_ema_weights(self: DerivationHost, bias_correction: bool = True) -> Non
                 if shadow is None:
                     continue
                 backup.append((p, p.detach().clone(memory_format=torch.preserve_format)))
-                p.copy_(shadow / scale)
+                p.copy_(shadow / scale)  # rounded once to the parameter's dtype
     self.__dict__[_BACKUP] = backup
 
 
@@ -95,7 +119,7 @@ def reset_old_weights(self: DerivationHost) -> None:
     """Put back the training weights that :meth:`apply_ema_weights` set aside."""
     backup = self.__dict__.pop(_BACKUP, None)
     if backup is None:
-        raise RuntimeError("reset_old_weights() without a preceding apply_ema_weights()")
+        raise EMAWeightsError("reset_old_weights() without a preceding apply_ema_weights()")
     with torch.no_grad():
         for p, old in backup:
             p.copy_(old)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import all_reduce_mean_, sync_group
 from danlu._validate import check_int
 from danlu.derivations._base import CALLS, Derivation
 
@@ -82,7 +83,15 @@ class GradientAccumulation(Derivation):
                 restore.append((p, p.grad))
                 p.grad = _mean_gradient(p, buffer, steps)
         host.__dict__[_RESTORE] = restore
+        group = sync_group(host)
+        if group is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
+            all_reduce_mean_([p.grad for p, _ in restore], group)
         return True
+
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        if group["grad_accum_steps"] > 1:
+            for p in params:
+                self.zeros_state(host, p, BUFFER, _buffer_dtype(p))
 
     def finish(self, host: DerivationHost, failed: bool) -> None:
         restore = host.__dict__.pop(_RESTORE, [])

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import any_dtensor, whole_norms
 from danlu._validate import check_patterns
 from danlu.derivations._base import Derivation, by_device_and_dtype, matches_any
 
@@ -74,13 +75,21 @@ class LayerAdaptation(Derivation):
         for bucket in by_device_and_dtype(updates):
             bucket_updates = [updates[i] for i in bucket]
             ratios = trust_ratios([olds[i] for i in bucket], bucket_updates, [lrs[i] for i in bucket])
-            torch._foreach_mul_(bucket_updates, ratios)
+            if any_dtensor(bucket_updates):
+                for update, ratio in zip(bucket_updates, ratios):
+                    update.mul_(ratio)
+            else:
+                torch._foreach_mul_(bucket_updates, ratios)
 
 
 def trust_ratios(params: list[Tensor], updates: list[Tensor], lrs: list[float]) -> list[Tensor]:
-    """The trust ratio of each (parameter, update) pair, as 0-dim tensors on the updates' device."""
-    param_norms = torch.stack([n.to(updates[0].dtype) for n in torch._foreach_norm(params)])
-    update_norms = torch.stack(torch._foreach_norm(updates))
+    """The trust ratio of each (parameter, update) pair, as 0-dim tensors on the updates' device.
+
+    The norms are those of the whole tensors, also when they are shards of FSDP2 DTensors.
+    """
+    dtype = updates[0].dtype
+    param_norms = torch.stack(whole_norms(params, dtype))
+    update_norms = torch.stack(whole_norms(updates))
     scale = torch.tensor([max(lr, MIN_LR) for lr in lrs], dtype=update_norms.dtype, device=update_norms.device)
     update_norms = update_norms / scale
     ratio = torch.where(

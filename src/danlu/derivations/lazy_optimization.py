@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from danlu._distributed import is_dtensor, placed_like, settle
 from danlu._validate import check_patterns
 from danlu.derivations._base import Derivation, matches_any
 
@@ -19,7 +20,11 @@ def present_rows_mask(grad: Tensor, like: Tensor) -> Tensor:
         grad = grad.coalesce().to_dense()
     if grad.dim() == 0:
         return grad.ne(0).to(like.dtype)
-    return grad.ne(0).any(dim=-1, keepdim=True).to(like.dtype)
+    # settle: over a sharded last axis (a 1-D FSDP2 parameter) `any` is a pending sum of booleans
+    mask = settle(grad.ne(0).any(dim=-1, keepdim=True)).to(like.dtype)
+    if is_dtensor(mask) and is_dtensor(like) and tuple(mask.placements) != tuple(like.placements):
+        mask = placed_like(mask.expand(like.shape), like)  # in-place ops keep the update's placements
+    return mask
 
 
 class LazyOptimization(Derivation):

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import foreach_copy_
+from danlu._precision import copy_rounded_
 from danlu._validate import check_int, check_number
-from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype
+from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
@@ -63,10 +65,18 @@ class Lookahead(Derivation):
         return checked
 
     def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        first = group[APPLIED_STEPS] == 0  # slow weights made before the first step (init_state) are refreshed
         for p in params:
             state = host.state[p]
             if SLOW not in state:
-                state[SLOW] = p.detach().clone(memory_format=torch.preserve_format)
+                state[SLOW] = _slow_copy(group, p)
+            elif first:
+                state[SLOW].copy_(p)
+
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            if SLOW not in host.state[p]:
+                host.state[p][SLOW] = _slow_copy(group, p)
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         if group[APPLIED_STEPS] % group["steps_per_slow_update"] != 0:
@@ -74,5 +84,18 @@ class Lookahead(Derivation):
         for bucket in by_device_and_dtype(params):
             fast = [params[i] for i in bucket]
             slow = [host.state[p][SLOW] for p in fast]
-            torch._foreach_lerp_(slow, fast, group["slow_step_size"])
-            torch._foreach_copy_(fast, slow)
+            if all(s.dtype == f.dtype for s, f in zip(slow, fast)):
+                torch._foreach_lerp_(slow, fast, group["slow_step_size"])
+                foreach_copy_(fast, slow)
+                continue
+            # wider slow weights (16-bit parameters): the parameters get them rounded once
+            torch._foreach_lerp_(slow, [f.to(s.dtype) for s, f in zip(slow, fast)], group["slow_step_size"])
+            if group.get("stochastic_rounding"):
+                salts = [getattr(host, "_param_salt", lambda q: 0)(f) for f in fast]
+                copy_rounded_(fast, slow, salts, group[APPLIED_STEPS])
+            else:
+                foreach_copy_(fast, slow)
+
+
+def _slow_copy(group: dict[str, Any], p: Tensor) -> Tensor:
+    return p.detach().to(dtype=wide_dtype(group, p), memory_format=torch.preserve_format, copy=True)

@@ -30,6 +30,8 @@ class Adadelta(DanluOptimizer):
         rho: :math:`\rho \in [0, 1]`.
         eps: :math:`\epsilon \ge 0`.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -41,9 +43,17 @@ class Adadelta(DanluOptimizer):
     """
 
     def __init__(
-        self, params: ParamsT, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, *, foreach: bool | None = None
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        *,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps), foreach=foreach)
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps), foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import zeros_reduced
 from danlu._validate import check_bool, check_int, check_number, check_optional_number, check_patterns
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.derivations._base import matches_any
@@ -81,6 +82,8 @@ class Adafactor(DanluOptimizer):
         min_dim_size_to_factor: factor tensors whose second largest dimension is at least this.
         exclude_from_parameter_scale: regular expressions of parameter names that get no parameter scale.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -107,6 +110,8 @@ class Adafactor(DanluOptimizer):
         exclude_from_parameter_scale: Any = (),
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -119,7 +124,7 @@ class Adafactor(DanluOptimizer):
             min_dim_size_to_factor=min_dim_size_to_factor,
             exclude_from_parameter_scale=exclude_from_parameter_scale,
         )
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         for group in self.param_groups:
             if group["exclude_from_parameter_scale"] and "param_names" not in group:
                 raise ValueError(
@@ -159,8 +164,8 @@ class Adafactor(DanluOptimizer):
         row_shape, col_shape = list(p.shape), list(p.shape)
         row_shape[largest] = 1
         col_shape[second] = 1
-        state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq_col"] = torch.zeros(col_shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq_row"] = zeros_reduced(p, row_shape, dtype)  # a DTensor under FSDP2
+        state["exp_avg_sq_col"] = zeros_reduced(p, col_shape, dtype)
 
     def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
         if group["lr"] is not None:

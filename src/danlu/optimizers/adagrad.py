@@ -28,6 +28,8 @@ class Adagrad(DanluOptimizer):
         eps: :math:`\epsilon \ge 0`, added to the square root.
         initial_accumulator_value: :math:`s_0 \ge 0`.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -46,9 +48,11 @@ class Adagrad(DanluOptimizer):
         initial_accumulator_value: float = 0.0,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

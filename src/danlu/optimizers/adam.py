@@ -36,6 +36,8 @@ class Adam(DanluOptimizer):
         eps: :math:`\epsilon \ge 0`.
         bias_correction: divide the moments by :math:`1-\beta^t`.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -55,9 +57,11 @@ class Adam(DanluOptimizer):
         bias_correction: bool = True,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, bias_correction=bias_correction)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

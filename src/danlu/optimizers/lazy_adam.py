@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import is_dtensor, placed_like, settle
 from danlu.optimizers.adam import Adam
 
 __all__ = ["LazyAdam", "present_rows"]
@@ -66,6 +67,8 @@ class LazyAdam(Adam):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
+        if is_dtensor(grad):
+            return self._update_masked(group, grad, state, lr, step)
         beta1, beta2 = group["betas"]
         index, values = present_rows(grad)
         sparse = grad.is_sparse
@@ -80,6 +83,20 @@ class LazyAdam(Adam):
         update = torch.zeros_like(p, dtype=rows.dtype)
         _as_rows(update, sparse).index_copy_(0, index, rows)
         return update
+
+    def _update_masked(self, group: Mapping[str, Any], grad: Tensor, state: dict[str, Any], lr: float, step: float) -> Tensor:
+        """The same update with a row mask instead of row indices, for FSDP2's DTensors (no ``nonzero``)."""
+        beta1, beta2 = group["betas"]
+        present = grad.ne(0) if grad.dim() == 0 else settle(grad.ne(0).any(dim=-1, keepdim=True))
+        present = placed_like(present.expand(grad.shape), grad)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        m = torch.where(present, exp_avg.lerp(grad, 1 - beta1), exp_avg)
+        v = torch.where(present, exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2), exp_avg_sq)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        correction1, sqrt_correction2 = self._corrections(group, step)
+        update = m.div_(v.sqrt_().div_(sqrt_correction2).add_(group["eps"])).mul_(-lr / correction1)
+        return torch.where(present, update, torch.zeros_like(update))
 
     def _update_foreach(
         self,

@@ -30,6 +30,8 @@ class Lion(DanluOptimizer):
         lr: learning rate :math:`\eta`.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -41,9 +43,16 @@ class Lion(DanluOptimizer):
     """
 
     def __init__(
-        self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), *, foreach: bool | None = None
+        self,
+        params: ParamsT,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        *,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas), foreach=foreach)
+        super().__init__(params, dict(lr=lr, betas=betas), foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

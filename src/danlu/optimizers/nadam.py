@@ -35,6 +35,8 @@ class NAdam(DanluOptimizer):
         eps: :math:`\epsilon \ge 0`.
         momentum_decay: :math:`\psi \ge 0`.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -54,9 +56,11 @@ class NAdam(DanluOptimizer):
         momentum_decay: float = 4e-3,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum_decay=momentum_decay)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

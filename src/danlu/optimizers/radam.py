@@ -37,6 +37,8 @@ class RAdam(DanluOptimizer):
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon \ge 0`.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -55,8 +57,10 @@ class RAdam(DanluOptimizer):
         eps: float = 1e-8,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps), foreach=foreach)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps), foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

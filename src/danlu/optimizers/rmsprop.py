@@ -34,6 +34,8 @@ class RMSprop(DanluOptimizer):
         momentum: :math:`\mu \ge 0`.
         centered: normalize by the estimated variance instead of the second moment (Graves, 2013).
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -54,9 +56,11 @@ class RMSprop(DanluOptimizer):
         centered: bool = False,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._distributed import foreach_copy_
 from danlu._validate import check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -33,6 +34,8 @@ class SGD(DanluOptimizer):
         dampening: :math:`\tau \ge 0`.
         nesterov: Nesterov momentum (Sutskever et al., 2013); needs ``momentum > 0`` and ``dampening == 0``.
         foreach: ``False`` runs the per-tensor reference loop.
+        state_dtype: dtype of the state and the arithmetic (default: float32 for 16-bit parameters, else theirs).
+        stochastic_rounding: round bfloat16 parameter writes stochastically (unbiased; see ``danlu._precision``).
 
     Example:
         >>> import torch, danlu
@@ -52,9 +55,11 @@ class SGD(DanluOptimizer):
         nesterov: bool = False,
         *,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, options: Mapping[str, Any]) -> None:
         super()._check_hyperparameters(options)
@@ -99,7 +104,7 @@ class SGD(DanluOptimizer):
             first = [i for i, t in enumerate(steps) if t == 1]
             later = [i for i, t in enumerate(steps) if t != 1]
             if first:
-                torch._foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
+                foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
             if later:
                 later_bufs = [bufs[i] for i in later]
                 torch._foreach_mul_(later_bufs, momentum)

@@ -1,0 +1,7 @@
+"""``python -m danlu``: the ``danlu`` command."""
+
+import sys
+
+from danlu.cli.main import main
+
+sys.exit(main())

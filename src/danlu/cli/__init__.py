@@ -1,0 +1,5 @@
+"""The ``danlu`` command line (``danlu arena``, ``danlu list``)."""
+
+from danlu.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,372 @@
+"""The bad-input table of the whole public surface: each raises ValueError/TypeError naming what is wrong,
+and nothing changes (parameters, state, param groups).
+
+Constructors of every optimizer, every derivation's keywords (on danlu's and torch's bases, as
+constructor keywords and as group entries), ``extend_with_*`` themselves, ``create_optimizer``,
+``add_param_group``, ``step()`` (sparse gradients where unsupported, an lr a scheduler or a hand
+broke), the EMA calls out of order, ``load_state_dict`` with every kind of misfit, and
+``danlu.distributed.sync_on_apply``. EMA misuse raises ``EMAWeightsError``, which is both a
+``ValueError`` (the contract of this table) and a ``RuntimeError`` (what it was before).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import danlu
+from danlu.derivations.exponential_moving_average import EMAWeightsError
+
+
+def named_params() -> list[tuple[str, torch.nn.Parameter]]:
+    torch.manual_seed(0)
+    return [
+        ("dense.weight", torch.nn.Parameter(torch.randn(3, 4))),
+        ("dense.bias", torch.nn.Parameter(torch.randn(3))),
+        ("norm.weight", torch.nn.Parameter(torch.ones(3))),
+    ]
+
+
+def snapshot(opt: torch.optim.Optimizer | None, pairs: list[tuple[str, torch.Tensor]]) -> Any:
+    groups = None
+    if opt is not None:
+        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        groups.append([len(g["params"]) for g in opt.param_groups])
+    return {
+        "params": [p.detach().clone() for _, p in pairs],
+        "state": copy.deepcopy(opt.state_dict()["state"]) if opt is not None else None,
+        "groups": groups,
+        "ema_applied": opt is not None and "_danlu_ema_backup" in opt.__dict__,
+    }
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def trained(spec: str = "adamw+lookahead+ema", steps: int = 2, **kwargs: Any) -> tuple[Any, list[tuple[str, Any]]]:
+    pairs = named_params()
+    opt = danlu.create_optimizer(pairs, spec, lr=0.1, **kwargs)
+    for i in range(steps):
+        for _, p in pairs:
+            p.grad = torch.full_like(p, 0.1 * (i + 1))
+        opt.step()
+    return opt, pairs
+
+
+def assert_raises_and_nothing_changes(
+    action: Callable[[], Any], error: type, message: str, opt: Any = None, pairs: list[tuple[str, Any]] | None = None
+) -> None:
+    pairs = pairs if pairs is not None else []
+    before = snapshot(opt, pairs)
+    with pytest.raises(error, match=re.escape(message)):
+        action()
+    assert same(before, snapshot(opt, pairs)), "a failed call changed something"
+
+
+# ------------------------------------------------------------------------------ constructors
+BAD_HYPERPARAMETERS: list[tuple[type, str, Any, type]] = [
+    (cls, "lr", bad, error)
+    for cls in (danlu.SGD, danlu.Adagrad, danlu.Adadelta, danlu.RMSprop, danlu.Adam, danlu.NAdam, danlu.RAdam, danlu.Lion, danlu.LazyAdam)
+    for bad, error in ((-1e-3, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("1e-3", TypeError), (None, TypeError))
+] + [
+    (danlu.Adafactor, "lr", -1.0, ValueError),
+    (danlu.Adafactor, "lr", math.inf, ValueError),
+    (danlu.SGD, "momentum", -0.1, ValueError),
+    (danlu.SGD, "dampening", -0.1, ValueError),
+    (danlu.SGD, "nesterov", "yes", TypeError),
+    (danlu.Adagrad, "eps", -1e-10, ValueError),
+    (danlu.Adagrad, "initial_accumulator_value", -1.0, ValueError),
+    (danlu.Adadelta, "rho", 1.01, ValueError),
+    (danlu.Adadelta, "eps", -1.0, ValueError),
+    (danlu.RMSprop, "alpha", -0.5, ValueError),
+    (danlu.RMSprop, "eps", math.nan, ValueError),
+    (danlu.RMSprop, "momentum", -1.0, ValueError),
+    (danlu.RMSprop, "centered", 1, TypeError),
+    (danlu.Adam, "betas", (1.0, 0.999), ValueError),
+    (danlu.Adam, "betas", (0.9, 1.0), ValueError),
+    (danlu.Adam, "betas", (-0.1, 0.999), ValueError),
+    (danlu.Adam, "betas", (0.9, 0.99, 0.9), ValueError),
+    (danlu.Adam, "betas", "0.9", TypeError),
+    (danlu.Adam, "eps", -1e-8, ValueError),
+    (danlu.Adam, "bias_correction", None, TypeError),
+    (danlu.NAdam, "momentum_decay", -4e-3, ValueError),
+    (danlu.NAdam, "betas", (0.9, 1.5), ValueError),
+    (danlu.RAdam, "eps", -1.0, ValueError),
+    (danlu.Lion, "betas", (1.0, 0.99), ValueError),
+    (danlu.LazyAdam, "betas", (0.9, -0.1), ValueError),
+    (danlu.Adafactor, "beta1", 1.0, ValueError),
+    (danlu.Adafactor, "beta2", -0.1, ValueError),
+    (danlu.Adafactor, "eps1", -1.0, ValueError),
+    (danlu.Adafactor, "eps2", math.nan, ValueError),
+    (danlu.Adafactor, "multiply_by_parameter_scale", "true", TypeError),
+    (danlu.Adafactor, "clipping_threshold", 0.0, ValueError),
+    (danlu.Adafactor, "clipping_threshold", -1.0, ValueError),
+    (danlu.Adafactor, "min_dim_size_to_factor", -1, ValueError),
+    (danlu.Adafactor, "min_dim_size_to_factor", 128.0, TypeError),
+    (danlu.Adafactor, "exclude_from_parameter_scale", ["(unclosed"], ValueError),
+    (danlu.Adafactor, "exclude_from_parameter_scale", [1], TypeError),
+] + [
+    (cls, option, bad, error)
+    for cls in (danlu.Adam, danlu.Adafactor, danlu.AdamW, danlu.Lamb, danlu.Ranger)
+    for option, bad, error in (
+        ("foreach", "no", TypeError),
+        ("state_dtype", torch.int64, ValueError),
+        ("state_dtype", "float32", TypeError),
+        ("stochastic_rounding", "yes", TypeError),
+    )
+]
+
+
+@pytest.mark.parametrize("cls,option,bad,error", BAD_HYPERPARAMETERS, ids=lambda v: getattr(v, "__name__", str(v))[:24])
+def test_constructor_and_group_arguments(cls: type, option: str, bad: Any, error: type) -> None:
+    pairs = named_params()
+    assert_raises_and_nothing_changes(lambda: cls(pairs, **{option: bad}), error, option, pairs=pairs)
+    if option not in ("foreach",):
+        group = [{"params": [p for _, p in pairs], option: bad}]
+        assert_raises_and_nothing_changes(lambda: cls(group), error, option, pairs=pairs)
+        opt, pairs = trained()
+        new = torch.nn.Parameter(torch.ones(2))
+        if option in opt.defaults:
+            assert_raises_and_nothing_changes(lambda: opt.add_param_group({"params": [new], option: bad}), error, option, opt, pairs)
+
+
+@pytest.mark.parametrize("cls", [danlu.SGD, danlu.Adam, danlu.Adafactor, danlu.Lamb, danlu.create_optimizer])
+def test_unknown_keyword_is_a_type_error_naming_it(cls: Any) -> None:
+    pairs = named_params()
+    args = (pairs, "adam") if cls is danlu.create_optimizer else (pairs,)
+    assert_raises_and_nothing_changes(lambda: cls(*args, learning_rate=0.1), TypeError, "learning_rate", pairs=pairs)
+
+
+# ------------------------------------------------------------------------------ derivations
+BAD_DERIVATION_KEYWORDS: list[tuple[str, str, Any, type]] = [
+    ("weight_decay", "weight_decay_rate", -1e-2, ValueError),
+    ("weight_decay", "weight_decay_rate", math.nan, ValueError),
+    ("weight_decay", "weight_decay_rate", "0.01", TypeError),
+    ("weight_decay", "exclude_from_weight_decay", ["bias", "[oops"], ValueError),
+    ("weight_decay", "exclude_from_weight_decay", [None], TypeError),
+    ("weight_decay", "exclude_from_weight_decay", 3, TypeError),
+    ("layer_adaptation", "exclude_from_layer_adaptation", ["+"], ValueError),
+    ("piecewise_linear_lr", "lr_schedule", {}, ValueError),
+    ("piecewise_linear_lr", "lr_schedule", [(0, 1.0)], TypeError),
+    ("piecewise_linear_lr", "lr_schedule", {"0": 1.0}, TypeError),
+    ("piecewise_linear_lr", "lr_schedule", {-5: 1.0}, ValueError),
+    ("piecewise_linear_lr", "lr_schedule", {5: -1.0}, ValueError),
+    ("piecewise_linear_lr", "lr_schedule", {5: math.nan}, ValueError),
+    ("piecewise_linear_lr", "lr_schedule", {True: 1.0}, TypeError),
+    ("gradient_accumulation", "grad_accum_steps", 0, ValueError),
+    ("gradient_accumulation", "grad_accum_steps", 2.5, TypeError),
+    ("gradient_accumulation", "grad_accum_steps", True, TypeError),
+    ("lookahead", "steps_per_slow_update", 0, ValueError),
+    ("lookahead", "steps_per_slow_update", "5", TypeError),
+    ("lookahead", "slow_step_size", 0.0, ValueError),
+    ("lookahead", "slow_step_size", 1.01, ValueError),
+    ("lazy", "include_in_lazy_optimization", ["(?P<x"], ValueError),
+    ("ema", "ema_momentum", 1.0, ValueError),
+    ("ema", "ema_momentum", -0.5, ValueError),
+    ("ema", "ema_momentum", "0.9", TypeError),
+    ("paramwise_lr", "paramwise_lr_schedule", {"dense": -1.0}, ValueError),
+    ("paramwise_lr", "paramwise_lr_schedule", {"dense": math.inf}, ValueError),
+    ("paramwise_lr", "paramwise_lr_schedule", {3: 1.0}, TypeError),
+    ("paramwise_lr", "paramwise_lr_schedule", ["dense"], TypeError),
+    ("skip_nonfinite", "max_consecutive_skips", 0, ValueError),
+    ("skip_nonfinite", "max_consecutive_skips", 2.0, TypeError),
+]
+
+
+@pytest.mark.parametrize("derivation,option,bad,error", BAD_DERIVATION_KEYWORDS, ids=lambda v: str(v)[:24])
+@pytest.mark.parametrize("base", ["adam", "torch.SGD"])
+def test_derivation_keywords(base: str, derivation: str, option: str, bad: Any, error: type) -> None:
+    pairs = named_params()
+    spec = f"{base}+{derivation}"
+    assert_raises_and_nothing_changes(
+        lambda: danlu.create_optimizer(pairs, spec, lr=0.1, **{option: bad}), error, option, pairs=pairs
+    )
+    cls = danlu.factory._DERIVATIONS[derivation](danlu.Adam if base == "adam" else torch.optim.SGD)
+    group = [{"params": pairs, option: bad}]
+    assert_raises_and_nothing_changes(lambda: cls(group, lr=0.1), error, option, pairs=pairs)
+
+
+@pytest.mark.parametrize(
+    "derivation,option", [("weight_decay", "exclude_from_weight_decay"), ("layer_adaptation", "exclude_from_layer_adaptation"),
+                          ("lazy", "include_in_lazy_optimization"), ("paramwise_lr", "paramwise_lr_schedule")]
+)
+def test_name_options_need_names(derivation: str, option: str) -> None:
+    cls = danlu.factory._DERIVATIONS[derivation](danlu.Adam)
+    value = {"dense": 0.5} if option == "paramwise_lr_schedule" else ["dense"]
+    pairs = named_params()
+    assert_raises_and_nothing_changes(lambda: cls([p for _, p in pairs], **{option: value}), ValueError, option, pairs=pairs)
+
+
+@pytest.mark.parametrize("name", [n for n in dir(danlu) if n.startswith("extend_with_")])
+def test_extend_with_arguments(name: str) -> None:
+    factory = getattr(danlu, name)
+    for bad in (None, 3, danlu.Adam([torch.nn.Parameter(torch.ones(1))]), torch.nn.Linear, "Adam"):
+        with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
+            factory(bad)
+    for bad_name in (3, "not a name", ""):
+        with pytest.raises(TypeError, match="name"):
+            factory(danlu.Adam, name=bad_name)
+    with pytest.raises(ValueError, match="already has"):
+        factory(factory(danlu.Adam))
+
+
+# ------------------------------------------------------------------------------ create_optimizer
+@pytest.mark.parametrize(
+    "args,kwargs,error,message",
+    [
+        (("adamw",), dict(spec=None), TypeError, "spec"),
+        ((3,), {}, TypeError, "spec must be a string"),
+        (("adamx",), {}, ValueError, "unknown optimizer 'adamx'"),
+        (("adamw+lookahed",), {}, ValueError, "unknown derivation 'lookahed'"),
+        (("adamw+ema+ema",), {}, ValueError, "appears twice"),
+        (("adamw++ema",), {}, ValueError, "invalid spec"),
+        (("",), {}, ValueError, "invalid spec"),
+        (("torch.NotAnOptimizer",), {}, ValueError, "NotAnOptimizer"),
+        (("adamw",), dict(no_decay_on_bias_and_norm="yes"), TypeError, "no_decay_on_bias_and_norm"),
+        (("adamw",), dict(weight_decay_rate=-1.0), ValueError, "weight_decay_rate"),
+        (("lamb+warmup",), dict(lr_schedule={-1: 1.0}), ValueError, "lr_schedule"),
+    ],
+)
+def test_create_optimizer_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], error: type, message: str) -> None:
+    pairs = named_params()
+    if "spec" in kwargs:
+        kwargs = dict(kwargs)
+        args = ()
+        spec = kwargs.pop("spec")
+        assert_raises_and_nothing_changes(lambda: danlu.create_optimizer(pairs, spec, **kwargs), error, message, pairs=pairs)
+        return
+    assert_raises_and_nothing_changes(lambda: danlu.create_optimizer(pairs, *args, **kwargs), error, message, pairs=pairs)
+
+
+@pytest.mark.parametrize("bad,error", [(None, TypeError), (3, TypeError), ("model", TypeError), ([], ValueError), ([1, 2], TypeError)])
+def test_create_optimizer_model_argument(bad: Any, error: type) -> None:
+    with pytest.raises(error, match="model_or_named_params|no parameters"):
+        danlu.create_optimizer(bad, "adamw")
+
+
+# ------------------------------------------------------------------------------ step()
+@pytest.mark.parametrize("spec", ["sgd", "adagrad", "adadelta", "rmsprop", "adam", "nadam", "radam", "adafactor", "lion", "lamb+ema", "adamw+gradient_accumulation"])
+def test_sparse_gradients_where_unsupported(spec: str) -> None:
+    opt, pairs = trained(spec)
+    name, p = pairs[0]
+    p.grad = torch.zeros_like(p).to_sparse()
+    assert_raises_and_nothing_changes(opt.step, ValueError, f"does not support sparse gradients (parameter {name!r})", opt, pairs)
+
+
+def test_sparse_gradients_where_supported() -> None:
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = danlu.extend_with_exponential_moving_average(danlu.LazyAdam)(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1])).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("bad,error", [(math.nan, ValueError), (-0.1, ValueError), (math.inf, ValueError), ("0.1", TypeError)])
+@pytest.mark.parametrize("spec", ["adam", "adamw+lookahead+ema", "torch.AdamW+ema", "adafactor+gradient_accumulation"])
+def test_an_lr_broken_after_construction_is_refused_before_anything_changes(spec: str, bad: Any, error: type) -> None:
+    opt, pairs = trained(spec)
+    for _, p in pairs:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt, pairs)
+    opt.param_groups[0]["lr"] = bad
+    with pytest.raises(error, match="lr"):
+        opt.step()
+    opt.param_groups[0]["lr"] = before["groups"][0]["lr"]
+    assert same(before, snapshot(opt, pairs))
+
+
+def test_ema_calls_out_of_order() -> None:
+    pairs = named_params()
+    opt = danlu.create_optimizer(pairs, "adamw+ema", lr=0.1)
+    assert_raises_and_nothing_changes(opt.apply_ema_weights, ValueError, "before any optimizer step", opt, pairs)
+    assert_raises_and_nothing_changes(opt.reset_old_weights, ValueError, "without a preceding apply_ema_weights", opt, pairs)
+    opt, pairs = trained("adamw+ema")
+    assert_raises_and_nothing_changes(lambda: opt.apply_ema_weights(bias_correction="yes"), TypeError, "bias_correction", opt, pairs)
+    opt.apply_ema_weights()
+    assert_raises_and_nothing_changes(opt.apply_ema_weights, ValueError, "already applied", opt, pairs)
+    for _, p in pairs:
+        p.grad = torch.ones_like(p)
+    assert_raises_and_nothing_changes(opt.step, ValueError, "while the averaged weights are applied", opt, pairs)
+    opt.reset_old_weights()
+    assert_raises_and_nothing_changes(opt.reset_old_weights, ValueError, "without a preceding", opt, pairs)
+    assert issubclass(EMAWeightsError, RuntimeError)  # what callers caught before
+
+
+# ------------------------------------------------------------------------------ load_state_dict
+def saved_from(spec: str, **kwargs: Any) -> dict[str, Any]:
+    opt, _ = trained(spec, **kwargs)
+    return copy.deepcopy(opt.state_dict())
+
+
+def corrupt(state: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    state = copy.deepcopy(state)
+    where: Any = state
+    keys = path.split("/")
+    for key in keys[:-1]:
+        where = where[int(key) if isinstance(where, list) or (key.isdigit() and int(key) in where) else key]
+    last: Any = keys[-1]
+    if isinstance(where, dict) and where and all(isinstance(k, int) for k in where):
+        last = int(last)
+    if value is KeyError:
+        del where[last]
+    else:
+        where[last] = value
+    return state
+
+
+STATE_DICT_CASES: list[tuple[str, Callable[[], Any], type, str]] = [
+    ("not a dict", lambda: [1, 2], ValueError, "state_dict must be a dict"),
+    ("no state", lambda: {"param_groups": []}, ValueError, "'state' and 'param_groups'"),
+    ("other optimizer", lambda: saved_from("lion+weight_decay+lookahead+ema"), ValueError, "saved from another optimizer"),
+    ("without a derivation", lambda: saved_from("adamw+lookahead"), ValueError, "saved without the ema derivation"),
+    ("with another derivation", lambda: saved_from("adamw+lookahead+ema+skip_nonfinite"), ValueError, "skip_nonfinite derivation"),
+    ("missing slow weights", lambda: corrupt(saved_from("adamw+lookahead+ema"), "state/0/lookahead.slow", KeyError), ValueError, "lookahead.slow"),
+    ("wrong shape", lambda: corrupt(saved_from("adamw+lookahead+ema"), "state/0/exp_avg", torch.zeros(4, 3)), ValueError, "'exp_avg' of shape (4, 3)"),
+    ("not a tensor", lambda: corrupt(saved_from("adamw+lookahead+ema"), "state/0/ema.shadow", [0.0]), ValueError, "'ema.shadow' = list"),
+    ("state of an unknown parameter", lambda: corrupt(saved_from("adamw+lookahead+ema"), "state/7", {}), ValueError, "parameter index 7"),
+    ("bad ema_momentum", lambda: corrupt(saved_from("adamw+lookahead+ema"), "param_groups/0/ema_momentum", 1.5), ValueError, "ema_momentum"),
+    ("bad slow_step_size", lambda: corrupt(saved_from("adamw+lookahead+ema"), "param_groups/1/slow_step_size", "x"), TypeError, "slow_step_size"),
+]
+
+
+@pytest.mark.parametrize("case,make,error,message", STATE_DICT_CASES, ids=[c[0] for c in STATE_DICT_CASES])
+def test_load_state_dict_that_does_not_fit(case: str, make: Callable[[], Any], error: type, message: str) -> None:
+    opt, pairs = trained("adamw+lookahead+ema")
+    bad = make()
+    assert_raises_and_nothing_changes(lambda: opt.load_state_dict(bad), error, message, opt, pairs)
+
+
+def test_load_state_dict_of_other_groups_or_sizes() -> None:
+    opt, pairs = trained("adamw+lookahead+ema")
+    single = danlu.create_optimizer([pairs[0]], "adamw+lookahead+ema", lr=0.1).state_dict()
+    assert_raises_and_nothing_changes(lambda: opt.load_state_dict(single), ValueError, "parameter groups", opt, pairs)
+    warm = saved_from("adamw+warmup+lookahead+ema", lr_schedule={0: 1.0})
+    assert_raises_and_nothing_changes(lambda: opt.load_state_dict(warm), ValueError, "piecewise_linear_lr", opt, pairs)
+    bad_schedule = corrupt(warm, "param_groups/0/lr_schedule", {"x": 1.0})
+    warm_opt, warm_pairs = trained("adamw+warmup+lookahead+ema", lr_schedule={0: 1.0})
+    assert_raises_and_nothing_changes(lambda: warm_opt.load_state_dict(bad_schedule), TypeError, "lr_schedule", warm_opt, warm_pairs)
+
+
+# ------------------------------------------------------------------------------ danlu.distributed
+def test_sync_on_apply_arguments() -> None:
+    opt, _ = trained("adamw+gradient_accumulation")
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        with danlu.distributed.sync_on_apply(torch.nn.Linear(2, 2), "adam"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        with danlu.distributed.sync_on_apply(torch.nn.Linear(2, 2), opt):
+            pass
