@@ -72,20 +72,20 @@ class GradientAccumulation(Derivation):
             for p in _params_with_grad(host):
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p)).add_(p.grad)
             return False
+        sync = sync_group(host)
         restore: list[tuple[Tensor, Tensor | None]] = []
         for group in groups:
             for p in group["params"]:
                 buffer = host.state[p].get(BUFFER)
                 if buffer is None and p.grad is None:
                     continue
-                if buffer is not None and host._defer_mean(group, p, buffer, steps):
+                if buffer is not None and sync is None and host._defer_mean(group, p, buffer, steps):
                     continue  # averaged (and the buffer cleared) inside the base optimizer's fused pass
                 restore.append((p, p.grad))
                 p.grad = _mean_gradient(p, buffer, steps)
         host.__dict__[_RESTORE] = restore
-        group = sync_group(host)
-        if group is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
-            all_reduce_mean_([p.grad for p, _ in restore], group)
+        if sync is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
+            all_reduce_mean_([p.grad for p, _ in restore], sync)
         return True
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
