@@ -42,6 +42,7 @@ OPTIMIZERS = [
 ]
 
 STACKS = [
+    ("skip_nonfinite_wd", [D.extend_with_weight_decay, D.extend_with_skip_nonfinite], dict(weight_decay_rate=0.1)),
     ("plain", [], {}),
     ("wd", [D.extend_with_weight_decay], dict(weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])),
     (

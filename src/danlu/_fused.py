@@ -45,6 +45,7 @@ from danlu.derivations import (
     Lookahead,
     ParameterWiseLR,
     PiecewiseLinearLR,
+    SkipNonfinite,
     WeightDecay,
 )
 from danlu.derivations._base import APPLIED_STEPS, matches_any
@@ -74,6 +75,7 @@ _KNOWN = (
     LazyOptimization,
     ExponentialMovingAverage,
     ParameterWiseLR,
+    SkipNonfinite,
 )
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -177,6 +179,8 @@ def native_kind(opt: Any, group: dict[str, Any]) -> str:
     """'native' if this group's tensors may take the native kernels, else 'foreach' or 'reference'."""
     if group.get("foreach") is False:
         return "reference"
+    if group.get("stochastic_rounding"):
+        return "foreach"  # the generic path owns the rounding of low-precision parameters
     if group.get("foreach") is True or spec_for(opt) is None or _is_compiling() or _native.load() is None:
         return "foreach"  # under torch.compile the traced torch ops are what the compiler wants
     return "native"
@@ -500,7 +504,7 @@ def _native_group_step(
 def _torch_fused_allowed(opt: Any, group: dict[str, Any]) -> bool:
     """torch's fused Adam kernels take Adam stacks whose transforms are at most decoupled weight decay."""
     spec = spec_for(opt)
-    if spec is None or spec.alg != 4 or group.get("foreach") is not None or _is_compiling():
+    if spec is None or spec.alg != 4 or group.get("foreach") is not None or group.get("stochastic_rounding") or _is_compiling():
         return False
     if not hasattr(torch, "_fused_adamw_"):
         return False
@@ -515,6 +519,7 @@ def _torch_fused_allowed(opt: Any, group: dict[str, Any]) -> bool:
                 ExponentialMovingAverage,
                 LazyOptimization,
                 ParameterWiseLR,
+                SkipNonfinite,
             ),
         )
         for d in opt._danlu_derivations
