@@ -818,34 +818,19 @@ class _Plan:
         if n == 0:
             return
         red = np.zeros(2 * n, dtype=np.float64)
-        c = ctypes
+        # raw addresses: numpy's ctypes.data_as keeps objects alive from call to call
         if spec.alg == -1:
-            rc = lib.danlu_adafactor(
-                self.dtype,
-                n,
-                numel.ctypes.data_as(c.POINTER(c.c_int64)),
-                ptrs.ctypes.data_as(c.POINTER(c.c_void_p)),
-                coef.ctypes.data_as(c.POINTER(c.c_double)),
-                modes.ctypes.data_as(c.POINTER(c.c_int)),
-                threads,
+            rc = lib.danlu_adafactor(self.dtype, n, _addr(numel), _addr(ptrs), _addr(coef), _addr(modes), threads)
+        else:
+            rc = lib.danlu_elementwise(
+                self.dtype, spec.alg, n, _addr(numel), _addr(ptrs), _addr(coef), _addr(modes), phase, threads, _addr(red)
             )
-            if rc != 0:  # pragma: no cover
-                raise RuntimeError(f"danlu native kernel failed ({rc})")
-            return
-        rc = lib.danlu_elementwise(
-            self.dtype,
-            spec.alg,
-            n,
-            numel.ctypes.data_as(c.POINTER(c.c_int64)),
-            ptrs.ctypes.data_as(c.POINTER(c.c_void_p)),
-            coef.ctypes.data_as(c.POINTER(c.c_double)),
-            modes.ctypes.data_as(c.POINTER(c.c_int)),
-            phase,
-            threads,
-            red.ctypes.data_as(c.POINTER(c.c_double)),
-        )
         if rc != 0:  # pragma: no cover
             raise RuntimeError(f"danlu native kernel failed ({rc})")
+
+
+def _addr(array: Any) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def _nadam_rows(group: dict[str, Any], states: list[dict[str, Any]], lrs: list[float], steps: list[float], uniform: bool) -> Any:

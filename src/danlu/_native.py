@@ -111,30 +111,17 @@ def _build(compiler: str, target: Path) -> None:
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i64p = ctypes.POINTER(ctypes.c_int64)
-    vpp = ctypes.POINTER(ctypes.c_void_p)
-    dp = ctypes.POINTER(ctypes.c_double)
-    ip = ctypes.POINTER(ctypes.c_int)
+    # every array is passed as an address (c_void_p): ctypes arrays and plain integers both fit
+    vp = ctypes.c_void_p
     lib.danlu_abi_version.restype = ctypes.c_int
     lib.danlu_elementwise.restype = ctypes.c_int
-    lib.danlu_elementwise.argtypes = [
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-        i64p,
-        vpp,
-        dp,
-        ip,
-        ctypes.c_int,
-        ctypes.c_int,
-        dp,
-    ]
+    lib.danlu_elementwise.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, vp, vp, vp, vp, ctypes.c_int, ctypes.c_int, vp]
     lib.danlu_probe.restype = None
-    lib.danlu_probe.argtypes = [ctypes.c_int64, i64p, vpp, ctypes.c_double]
+    lib.danlu_probe.argtypes = [ctypes.c_int64, vp, vp, ctypes.c_double]
     lib.danlu_increment.restype = None
-    lib.danlu_increment.argtypes = [ctypes.c_int64, vpp, dp]
+    lib.danlu_increment.argtypes = [ctypes.c_int64, vp, vp]
     lib.danlu_adafactor.restype = ctypes.c_int
-    lib.danlu_adafactor.argtypes = [ctypes.c_int, ctypes.c_int64, i64p, vpp, dp, ip, ctypes.c_int]
+    lib.danlu_adafactor.argtypes = [ctypes.c_int, ctypes.c_int64, vp, vp, vp, vp, ctypes.c_int]
     if lib.danlu_abi_version() != _ABI:
         raise RuntimeError("stale danlu kernel library")
     return lib
