@@ -729,6 +729,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation, compilation)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: the machine is shared)")
     parser.add_argument("--only", default="", help="comma-separated substrings of implementation names or algorithms to keep")
+    parser.add_argument("--exclude", default="", help="comma-separated substrings of implementation names to leave out")
     parser.add_argument("--no-peers", action="store_true", help="skip timm, pytorch-optimizer, transformers, heavyball")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim (except the fused AdamW reference)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd torch.optim.AdamW")
@@ -758,6 +759,9 @@ def run_args(args: argparse.Namespace) -> int:
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
         impls = [i for i in impls if any(k in i.name.lower() or k == i.algorithm for k in keys)]
+    if args.exclude:
+        drop = [k.strip().lower() for k in args.exclude.split(",") if k.strip()]
+        impls = [i for i in impls if not any(k in i.name.lower() for k in drop)]
     report: dict[str, Any] = {"machine": _machine(), "skipped": skipped, "args": vars(args), "sets": []}
     for set_name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         if set_name not in PARAMETER_SETS:
