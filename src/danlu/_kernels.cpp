@@ -205,6 +205,62 @@ void adam_direct_loop(const double* c, int64_t n, T* __restrict p, const T* __re
   }
 }
 
+// Adam's pass with the derivations' epilogues (accumulation, Lookahead sync, EMA) in the same loop
+template <typename T, bool SMALL, bool ACC, bool SYNC, bool EMA, bool EFIRST>
+void adam_modes_loop(const double* c, int64_t n, T* __restrict p, T* __restrict g, T* __restrict m, T* __restrict v,
+                     T* __restrict acc, T* __restrict slow, T* __restrict ema) {
+  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
+  const T A = T(c[10]), B = T(c[11]), kk = T(c[12]), alpha = T(c[13]), ew = T(c[14]), omw1 = T(1) - w1;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T gj = g[j];
+    if constexpr (ACC) {
+      gj = (gj + acc[j]) / kk;
+      g[j] = gj;
+      acc[j] = T(0);
+    }
+    const T mo = m[j];
+    const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
+    const T vj = v[j] * b2 + omb2 * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    const T u = mj / (std::sqrt(vj) / bc2 + eps) * k;
+    const T pj = p[j];
+    T pn = pj + (A * u + B * pj);
+    if constexpr (EMA && EFIRST) ema[j] = lerp(ema[j], pn, ew);
+    if constexpr (SYNC) {
+      const T sl = lerp(slow[j], pn, alpha);
+      slow[j] = sl;
+      pn = sl;
+    }
+    if constexpr (EMA && !EFIRST) ema[j] = lerp(ema[j], pn, ew);
+    p[j] = pn;
+  }
+}
+
+template <typename T, bool SMALL, bool ACC>
+void adam_modes_2(const double* c, int mode, int64_t n, T* p, T* g, T* m, T* v, T* acc, T* slow, T* ema) {
+  const bool s = mode & M_SYNC, e = mode & M_EMA, f = mode & M_EMA_FIRST;
+  if (s) {
+    if (!e) return adam_modes_loop<T, SMALL, ACC, true, false, false>(c, n, p, g, m, v, acc, slow, ema);
+    if (f) return adam_modes_loop<T, SMALL, ACC, true, true, true>(c, n, p, g, m, v, acc, slow, ema);
+    return adam_modes_loop<T, SMALL, ACC, true, true, false>(c, n, p, g, m, v, acc, slow, ema);
+  }
+  if (!e) return adam_modes_loop<T, SMALL, ACC, false, false, false>(c, n, p, g, m, v, acc, slow, ema);
+  return adam_modes_loop<T, SMALL, ACC, false, true, false>(c, n, p, g, m, v, acc, slow, ema);
+}
+
+template <typename T>
+void adam_modes(const double* c, int mode, int64_t n, T* p, T* g, T* m, T* v, T* acc, T* slow, T* ema) {
+  const bool small = std::abs(T(c[0])) < T(0.5), a = mode & M_ACCUM;
+  if (small) {
+    if (a) return adam_modes_2<T, true, true>(c, mode, n, p, g, m, v, acc, slow, ema);
+    return adam_modes_2<T, true, false>(c, mode, n, p, g, m, v, acc, slow, ema);
+  }
+  if (a) return adam_modes_2<T, false, true>(c, mode, n, p, g, m, v, acc, slow, ema);
+  return adam_modes_2<T, false, false>(c, mode, n, p, g, m, v, acc, slow, ema);
+}
+
 // layer adaptation's two passes over Adam, each one loop: the norms (advancing m and v), then the write
 template <typename T, bool SMALL>
 void adam_norm_loop(const double* c, int64_t n, const T* __restrict p, const T* __restrict g, T* __restrict m,
@@ -265,6 +321,9 @@ struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
     }
   }
   static void direct_apply(const double* c, int64_t n, T* p, const T*, T* s0, T* s1, T*) { adam_apply_loop(c, n, p, s0, s1); }
+  static void direct_modes(const double* c, int mode, int64_t n, T* p, T* g, T* s0, T* s1, T*, T* acc, T* slow, T* ema) {
+    adam_modes(c, mode, n, p, g, s0, s1, acc, slow, ema);
+  }
   static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
     adam_moments(c, n, g, s0, s1);
     recompute(c, n, g, s0, s1, nullptr, u);
@@ -437,6 +496,11 @@ template <class A>
 struct has_direct<A, std::void_t<decltype(A::DIRECT)>> : std::true_type {};
 
 template <class A, class = void>
+struct has_direct_modes : std::false_type {};
+template <class A>
+struct has_direct_modes<A, std::void_t<decltype(&A::direct_modes)>> : std::true_type {};
+
+template <class A, class = void>
 struct has_direct_adapt : std::false_type {};
 template <class A>
 struct has_direct_adapt<A, std::void_t<decltype(&A::direct_norm)>> : std::true_type {};
@@ -451,6 +515,12 @@ void run_range(const double* c, int mode, int phase, void* const* slots, int64_t
     if (phase == PH_FULL && mode == 0) {
       Alg<T>::direct(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4));
       return;
+    }
+    if constexpr (has_direct_modes<Alg<T>>::value) {
+      if (phase == PH_FULL) {
+        Alg<T>::direct_modes(c, mode, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), at(5), at(6), at(7));
+        return;
+      }
     }
     if constexpr (has_direct_adapt<Alg<T>>::value) {
       if (phase == PH_NORM && mode == 0) {
