@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_default_arena_finishes_within_a_minute(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "report.html").is_file()
     assert elapsed < 60, f"danlu arena took {elapsed:.1f} s"
+
+
+def test_bench_subcommand_writes_its_tables(tmp_path: Path) -> None:
+    from danlu.cli.main import main
+
+    status = main(["bench", "--sets", "many-small", "--scale", "0.01", "--rounds", "1", "--warmup", "1",
+                   "--only", "adamw,lion", "--no-peers", "--no-memory", "--out", str(tmp_path), "--tag", "cli"])
+    assert status == 0
+    report = json.loads((tmp_path / "results-cli.json").read_text())
+    names = {row["name"] for row in report["sets"][0]["results"]}
+    assert any("danlu" in name and "Lion" in name for name in names)
+    assert (tmp_path / "results-cli.md").read_text().count("|") > 10

@@ -1,4 +1,4 @@
-"""The ``danlu`` command: ``danlu arena`` (compare optimizers on a real task) and ``danlu list``."""
+"""The ``danlu`` command: ``danlu arena`` (compare optimizers on a real task), ``danlu bench`` and ``danlu list``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data-dir", default=None, metavar="DIR",
                        help="sentiment-en: folder holding the vaderSentiment sdist (default: the user cache)")
     sub.add_parser("list", help="list tasks, optimizers, derivations and the default roster")
+    from danlu.bench import add_arguments
+
+    bench = sub.add_parser("bench", help="time every optimizer step against torch.optim and peers",
+                           description="Step time, bandwidth efficiency, state and peak memory of danlu's optimizers "
+                                       "against torch's fused AdamW and peers; writes JSON and Markdown tables.")
+    add_arguments(bench)
     return parser
 
 
@@ -149,7 +155,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"arena": cmd_arena, "list": cmd_list}
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``danlu bench`` (see :mod:`danlu.bench`)."""
+    from danlu.bench import run_args
+
+    return run_args(args)
+
+
+COMMANDS = {"arena": cmd_arena, "list": cmd_list, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
