@@ -166,7 +166,7 @@ def spec_for(opt: Any) -> Spec | None:
         SPECS.update(_build_specs())
     found = None
     for base, spec in SPECS.items():
-        if issubclass(cls, base) and cls._update_single is base._update_single:
+        if issubclass(cls, base) and getattr(cls, "_update_single", None) is getattr(base, "_update_single", None):
             found = spec
             break
     if found is not None and any(type(d) not in _KNOWN for d in getattr(cls, "_danlu_derivations", ())):
@@ -248,7 +248,9 @@ def settle_pending_means(opt: Any, params: Sequence[Tensor]) -> None:
         entry = pending.pop(id(p), None)
         if entry is not None:
             buffer, steps = entry
-            p.grad.add_(buffer).div_(steps)
+            grad = p.grad
+            assert grad is not None
+            grad.add_(buffer).div_(steps)
             buffer.zero_()
 
 
@@ -380,9 +382,10 @@ def _generic_group_step(
                 coef = spec.coefficients(opt, group, state, lrs[i], steps[i])
             else:
                 key = (lrs[i], steps[i])
-                coef = coef_cache.get(key)
-                if coef is None:
-                    coef = coef_cache[key] = spec.coefficients(opt, group, state, lrs[i], steps[i])
+                cached = coef_cache.get(key)
+                if cached is None:
+                    cached = coef_cache[key] = spec.coefficients(opt, group, state, lrs[i], steps[i])
+                coef = cached
             sizes = [p.numel()]
             momentum = None
         mode = base_mode
@@ -676,7 +679,7 @@ class _Plan:
             chosen.append(i)
             for k, t in zip(slot_keys_i, slots):
                 if k is not None:
-                    checks.append((state, k, t))  # type: ignore[arg-type]
+                    checks.append((state, k, t))
             for k, t in (("lookahead.slow", slow), ("ema.shadow", shadow)):
                 if t is not None:
                     checks.append((state, k, t))

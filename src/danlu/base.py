@@ -195,9 +195,8 @@ class DanluOptimizer(DerivationHost):
         if not rest:
             return
         if len(rest) < len(params):
-            params, grads, states, names, lrs, steps = (
-                [xs[i] for i in rest] for xs in (params, grads, states, names, lrs, steps)
-            )
+            params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
+            names, lrs, steps = [names[i] for i in rest], [lrs[i] for i in rest], [steps[i] for i in rest]
         _fused.settle_pending_means(self, params)
         use_foreach = group.get("foreach") is not False
         for chunk in _chunks(params, grads, use_foreach):

@@ -47,7 +47,9 @@ REFERENCE = "torch.AdamW[fused]"
 # ---------------------------------------------------------------------------------------- parameter sets
 
 
-def _bert_shapes(layers: int = 4, hidden: int = 768, inter: int = 3072, vocab: int = 30522, positions: int = 512):
+def _bert_shapes(
+    layers: int = 4, hidden: int = 768, inter: int = 3072, vocab: int = 30522, positions: int = 512
+) -> list[tuple[str, tuple[int, ...]]]:
     shapes: list[tuple[str, tuple[int, ...]]] = [
         ("embeddings.word_embeddings.weight", (vocab, hidden)),
         ("embeddings.position_embeddings.weight", (positions, hidden)),
@@ -78,7 +80,9 @@ PARAMETER_SETS: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
 }
 
 
-def parameter_set(name: str, scale: float = 1.0, dtype: torch.dtype = torch.float32, seed: int = 0):
+def parameter_set(
+    name: str, scale: float = 1.0, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> list[tuple[str, torch.nn.Parameter]]:
     """Named parameters (with fixed gradients) of a set; ``scale`` shrinks the first dimension of every tensor."""
     gen = torch.Generator().manual_seed(seed)
     named = []
@@ -150,7 +154,7 @@ class PeakMemory:
                 tracker.live -= n
 
         class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
                 kwargs = kwargs or {}
                 inputs = {
                     t.untyped_storage().data_ptr()
@@ -272,7 +276,7 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
                     f"torch.{name}[{kind}]",
                     "torch",
                     algorithm,
-                    lambda nm, c=cls, f=flag: c(_plain(nm), lr=LR, **kw, **f),
+                    lambda nm, c=cls, f=flag: c(_plain(nm), lr=LR, **kw, **f),  # type: ignore[misc]
                     _t(transfers),
                 )
             )
@@ -321,7 +325,7 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
     impls: list[Impl] = []
     skipped: dict[str, str] = {}
     try:
-        import timm.optim as tim  # type: ignore[import-not-found]
+        import timm.optim as tim
 
         impls += [
             Impl("timm.Lamb", "timm", "lamb", lambda nm: tim.Lamb(_plain(nm), lr=LR, weight_decay=0.01), _t(10)),
@@ -340,7 +344,7 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
     except Exception as exc:
         skipped["timm"] = f"{type(exc).__name__}: {exc}"
     try:
-        import pytorch_optimizer as po  # type: ignore[import-not-found]
+        import pytorch_optimizer as po
 
         impls += [
             Impl(
@@ -385,7 +389,7 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
     except Exception as exc:
         skipped["pytorch-optimizer"] = f"{type(exc).__name__}: {exc}"
     try:
-        from transformers.optimization import Adafactor as HFAdafactor  # type: ignore[import-not-found]
+        from transformers.optimization import Adafactor as HFAdafactor
 
         impls.append(
             Impl(
@@ -399,12 +403,12 @@ def peer_impls() -> tuple[list[Impl], dict[str, str]]:
     except Exception as exc:
         skipped["transformers"] = f"{type(exc).__name__}: {exc}"
     try:
-        import heavyball  # type: ignore[import-not-found]
+        import heavyball
 
         for cls_name, algorithm in (("AdamW", "adamw"), ("NAdam", "nadam")):
             cls = getattr(heavyball, cls_name, None)
             if cls is not None:
-                impls.append(Impl(f"heavyball.{cls_name}", "heavyball", algorithm, lambda nm, c=cls: c(_plain(nm), lr=LR), _t(7)))
+                impls.append(Impl(f"heavyball.{cls_name}", "heavyball", algorithm, lambda nm, c=cls: c(_plain(nm), lr=LR), _t(7)))  # type: ignore[misc]
     except Exception as exc:
         skipped["heavyball"] = f"{type(exc).__name__}: {exc}"
     return impls, skipped
@@ -521,8 +525,9 @@ def run(
 ) -> dict[str, Any]:
     """Measure ``impls`` on one parameter set; return a JSON-ready dict."""
     named = parameter_set(set_name, scale)
-    params = [p for _, p in named]
-    grads = [p.grad for p in params]
+    params: list[Tensor] = [p for _, p in named]
+    grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
+    assert len(grads) == len(params), "every benchmark parameter carries a gradient"
     shapes = [tuple(p.shape) for p in params]
     n = sum(p.numel() for p in params)
     elem = params[0].element_size()
@@ -633,7 +638,7 @@ def run(
             if name == REFERENCE:
                 continue
             r_ = results[name]
-            log(f"  {name:32s} {r_.median_s * 1e3:9.2f} ms  x{(r_.ratio or 0):5.2f}  eff {(r_.efficiency or 0):4.2f}")
+            log(f"  {name:32s} {(r_.median_s or 0.0) * 1e3:9.2f} ms  x{(r_.ratio or 0):5.2f}  eff {(r_.efficiency or 0):4.2f}")
         del opts
         gc.collect()
         for g, saved in zip(grads, grad_backup):
