@@ -11,6 +11,7 @@ from torch import Tensor
 
 from danlu._validate import check_betas, check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
+from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["Adam"]
 
@@ -70,8 +71,7 @@ class Adam(DanluOptimizer):
         check_bool("bias_correction", options["bias_correction"])
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_moments(p, state)
 
     def _corrections(self, group: Mapping[str, Any], step: float) -> tuple[float, float]:
         """Return (1 - beta1^t, sqrt(1 - beta2^t)), or (1, 1) without bias correction."""
@@ -83,10 +83,7 @@ class Adam(DanluOptimizer):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg, exp_avg_sq = update_moments(state, grad, group["betas"])
         correction1, sqrt_correction2 = self._corrections(group, step)
         denom = exp_avg_sq.sqrt().div_(sqrt_correction2).add_(group["eps"])
         return exp_avg.div(denom).mul_(-lr / correction1)
@@ -100,12 +97,7 @@ class Adam(DanluOptimizer):
         lrs: list[float],
         steps: list[float],
     ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        exp_avgs, exp_avg_sqs = update_moments_foreach(states, grads, group["betas"])
         corrections = [self._corrections(group, t) for t in steps]
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, [c[1] for c in corrections])

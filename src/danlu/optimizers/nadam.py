@@ -10,6 +10,7 @@ from torch import Tensor
 
 from danlu._validate import check_betas, check_number
 from danlu.base import DanluOptimizer, ParamsT
+from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["NAdam"]
 
@@ -70,8 +71,7 @@ class NAdam(DanluOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         state["mu_product"] = torch.ones((), dtype=torch.float64)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_moments(p, state)
 
     def _coefficients(self, group: Mapping[str, Any], state: dict[str, Any], lr: float, step: float) -> tuple[float, float, float]:
         """Advance mu_product; return (grad coefficient, momentum coefficient, sqrt(1 - beta2^t))."""
@@ -88,10 +88,7 @@ class NAdam(DanluOptimizer):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg, exp_avg_sq = update_moments(state, grad, group["betas"])
         grad_coef, momentum_coef, sqrt_correction2 = self._coefficients(group, state, lr, step)
         denom = exp_avg_sq.sqrt().div_(sqrt_correction2).add_(group["eps"])
         update = grad.div(denom).mul_(grad_coef)
@@ -106,12 +103,7 @@ class NAdam(DanluOptimizer):
         lrs: list[float],
         steps: list[float],
     ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        exp_avgs, exp_avg_sqs = update_moments_foreach(states, grads, group["betas"])
         coefficients = [self._coefficients(group, s, lr, t) for s, lr, t in zip(states, lrs, steps)]
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, [c[2] for c in coefficients])

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from danlu._validate import check_betas, check_number
 from danlu.base import DanluOptimizer, ParamsT
+from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["RAdam"]
 
@@ -68,8 +69,7 @@ class RAdam(DanluOptimizer):
         check_number("eps", options["eps"], low=0.0)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_moments(p, state)
 
     @staticmethod
     def _rectification(group: Mapping[str, Any], step: float) -> float | None:
@@ -86,10 +86,8 @@ class RAdam(DanluOptimizer):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        beta1 = group["betas"][0]
+        exp_avg, exp_avg_sq = update_moments(state, grad, group["betas"])
         scale = -lr / (1 - beta1**step)
         adaptive = self._rectification(group, step)
         if adaptive is None:
@@ -106,12 +104,8 @@ class RAdam(DanluOptimizer):
         lrs: list[float],
         steps: list[float],
     ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        beta1 = group["betas"][0]
+        exp_avgs, exp_avg_sqs = update_moments_foreach(states, grads, group["betas"])
         scales = [-lr / (1 - beta1**t) for lr, t in zip(lrs, steps)]
         adaptives = [self._rectification(group, t) for t in steps]
         rectified = [i for i, a in enumerate(adaptives) if a is not None]
