@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from danlu._validate import check_patterns
+
 if TYPE_CHECKING:
     from danlu._host import DerivationHost
 
@@ -83,9 +85,12 @@ class Derivation:
         """Check the options (a param group or the constructor's keywords); return them normalized."""
         return {k: options[k] for k in self.defaults if k in options}
 
-    def patterns(self, group: Mapping[str, Any]) -> dict[str, Sequence[str]]:
-        """The name patterns this group uses, by option name (for the 'needs names' and 'matches nothing' checks)."""
-        return {}
+    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The name patterns (or name keys) this group uses, by option name: its ``name_options``.
+
+        For the 'needs names' and 'matches nothing' checks, which iterate each value.
+        """
+        return {key: group[key] for key in self.name_options}
 
     def check(self, host: DerivationHost) -> None:
         """Called on every ``step()`` before anything changes: raise if the call cannot be taken."""
@@ -148,6 +153,11 @@ def wide_dtype(group: Mapping[str, Any], p: Tensor) -> torch.dtype:
     if not p.is_floating_point():
         return p.dtype
     return torch.promote_types(p.dtype, compute_dtype(p, group.get("state_dtype")))
+
+
+def checked_patterns(options: Mapping[str, Any], key: str) -> dict[str, tuple[str, ...]]:
+    """``{key: patterns}`` checked as regular expressions if ``options`` has ``key``, else ``{}``."""
+    return {key: check_patterns(key, options[key])} if key in options else {}
 
 
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import any_dtensor, whole_norms
-from danlu._validate import check_patterns
-from danlu.derivations._base import Derivation, by_device_and_dtype, matches_any
+from danlu.derivations._base import Derivation, by_device_and_dtype, checked_patterns, matches_any
 
 __all__ = ["LayerAdaptation", "MIN_LR"]
 
@@ -50,13 +49,7 @@ class LayerAdaptation(Derivation):
     has_transform = True
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        if "exclude_from_layer_adaptation" not in options:
-            return {}
-        patterns = check_patterns("exclude_from_layer_adaptation", options["exclude_from_layer_adaptation"])
-        return {"exclude_from_layer_adaptation": patterns}
-
-    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {"exclude_from_layer_adaptation": group["exclude_from_layer_adaptation"]}
+        return checked_patterns(options, "exclude_from_layer_adaptation")
 
     def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
         patterns = tuple(group["exclude_from_layer_adaptation"])

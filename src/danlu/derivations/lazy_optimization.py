@@ -8,8 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from danlu._distributed import is_dtensor, placed_like, settle
-from danlu._validate import check_patterns
-from danlu.derivations._base import Derivation, matches_any
+from danlu.derivations._base import Derivation, checked_patterns, matches_any
 
 __all__ = ["LazyOptimization", "present_rows_mask"]
 
@@ -61,13 +60,7 @@ class LazyOptimization(Derivation):
     has_transform = True
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        if "include_in_lazy_optimization" not in options:
-            return {}
-        patterns = check_patterns("include_in_lazy_optimization", options["include_in_lazy_optimization"])
-        return {"include_in_lazy_optimization": patterns}
-
-    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {"include_in_lazy_optimization": group["include_in_lazy_optimization"]}
+        return checked_patterns(options, "include_in_lazy_optimization")
 
     def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
         patterns = tuple(group["include_in_lazy_optimization"])

@@ -57,9 +57,6 @@ class ParameterWiseLR(Derivation):
             return {}
         return {"paramwise_lr_schedule": check_multipliers("paramwise_lr_schedule", options["paramwise_lr_schedule"])}
 
-    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {"paramwise_lr_schedule": list(group["paramwise_lr_schedule"])}
-
     @staticmethod
     def multiplier(group: Mapping[str, Any], name: str | None) -> float | None:
         schedule = group["paramwise_lr_schedule"]

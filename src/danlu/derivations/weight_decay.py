@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu._validate import check_number, check_patterns
-from danlu.derivations._base import Derivation, matches_any
+from danlu._validate import check_number
+from danlu.derivations._base import Derivation, checked_patterns, matches_any
 
 __all__ = ["WeightDecay"]
 
@@ -47,12 +47,7 @@ class WeightDecay(Derivation):
         checked: dict[str, Any] = {}
         if "weight_decay_rate" in options:
             checked["weight_decay_rate"] = check_number("weight_decay_rate", options["weight_decay_rate"], low=0.0)
-        if "exclude_from_weight_decay" in options:
-            checked["exclude_from_weight_decay"] = check_patterns("exclude_from_weight_decay", options["exclude_from_weight_decay"])
-        return checked
-
-    def patterns(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {"exclude_from_weight_decay": group["exclude_from_weight_decay"]}
+        return {**checked, **checked_patterns(options, "exclude_from_weight_decay")}
 
     def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
         if group["weight_decay_rate"] == 0:
