@@ -10,12 +10,12 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from danlu._context import StepContext
 from danlu._distributed import foreach_copy_
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
@@ -58,12 +58,13 @@ class ForeignHost(DerivationHost):
         True
     """
 
-    def _base_step(self, lr_scales: Sequence[float]) -> None:
+    def _base_step(self, ctx: StepContext) -> None:
         groups = self.param_groups
         saved_lrs = [group["lr"] for group in groups]
         snapshots: list[tuple[list[int], list[Tensor]]] = []
+        swapped = _swap_gradients(ctx)
         try:
-            for group, scale in zip(groups, lr_scales):
+            for group, scale in zip(groups, ctx.lr_scales):
                 if scale != 1.0:
                     group["lr"] = group["lr"] * scale
             if self._has_transforms():
@@ -77,8 +78,10 @@ class ForeignHost(DerivationHost):
         finally:
             for group, lr in zip(groups, saved_lrs):
                 group["lr"] = lr
+            for p, grad in swapped:
+                p.grad = grad
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
-            self._transform_snapshot(group, snapshot, lr)
+            self._transform_snapshot(ctx, group, snapshot, lr)
 
     def _init_base_state(self) -> None:
         self._step_foreign_base()  # lr 0 and zero gradients: what torch.distributed.checkpoint does for any optimizer
@@ -111,7 +114,7 @@ class ForeignHost(DerivationHost):
         ]
         return indices, [group["params"][i].detach().clone(memory_format=torch.preserve_format) for i in indices]
 
-    def _transform_snapshot(self, group: dict[str, Any], snapshot: tuple[list[int], list[Tensor]], lr: float) -> None:
+    def _transform_snapshot(self, ctx: StepContext, group: dict[str, Any], snapshot: tuple[list[int], list[Tensor]], lr: float) -> None:
         indices, olds = snapshot
         if not indices:
             return
@@ -119,9 +122,25 @@ class ForeignHost(DerivationHost):
         names = self._names(group)
         torch._foreach_sub_(params, olds)
         self._apply_transforms(
-            group, olds, params, [p.grad for p in params], [names[i] for i in indices], [lr] * len(params)
+            group, olds, params, [ctx.scaled_gradient(p) for p in params], [names[i] for i in indices], [lr] * len(params)
         )
         torch._foreach_add_(params, olds)
+
+
+def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
+    """Point ``p.grad`` at the gradient of this step where a derivation replaced or scaled it; return what to put back.
+
+    A foreign base reads ``p.grad``; the caller's tensor is set aside, never written.
+    """
+    swapped: list[tuple[Tensor, Tensor | None]] = []
+    for _, p in ctx.params_with_gradient():
+        if id(p) not in ctx.replaced and id(p) not in ctx.scales:
+            continue
+        grad = ctx.scaled_gradient(p)
+        assert grad is not None
+        swapped.append((p, p.grad))
+        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+    return swapped
 
 
 def _as_float(lr: Any) -> float:
