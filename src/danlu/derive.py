@@ -10,7 +10,7 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -121,9 +121,8 @@ class ForeignHost(DerivationHost):
         params = [group["params"][i] for i in indices]
         names = self._names(group)
         torch._foreach_sub_(params, olds)
-        self._apply_transforms(
-            group, olds, params, [ctx.scaled_gradient(p) for p in params], [names[i] for i in indices], [lr] * len(params)
-        )
+        grads = cast(list[Tensor], [ctx.scaled_gradient(p) for p in params])  # selected because they have one
+        self._apply_transforms(group, olds, params, grads, [names[i] for i in indices], [lr] * len(params))
         torch._foreach_add_(params, olds)
 
 
