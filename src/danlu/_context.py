@@ -34,9 +34,10 @@ class StepContext:
         fused_after: ``(derivation index, id(group)) -> ids of parameters`` whose ``after_step`` the
             native kernel already did (Lookahead's sync, EMA).
         cleanup: callables run once the step has finished, succeeded or not (argument: failed).
+        dropped: whether a gradient hook dropped this step (nothing else changed).
     """
 
-    __slots__ = ("cleanup", "fused_after", "host", "lr_scales", "pending_means", "replaced", "scales")
+    __slots__ = ("cleanup", "dropped", "fused_after", "host", "lr_scales", "pending_means", "replaced", "scales")
 
     def __init__(self, host: DerivationHost) -> None:
         self.host = host
@@ -46,6 +47,7 @@ class StepContext:
         self.pending_means: dict[int, tuple[Tensor, int]] = {}
         self.fused_after: dict[tuple[int, int], set[int]] = {}
         self.cleanup: list[Any] = []
+        self.dropped = False
 
     def gradient(self, p: Tensor) -> Tensor | None:
         """The gradient the base step uses for ``p``, before any scale (``p.grad`` unless replaced)."""

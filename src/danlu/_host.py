@@ -115,6 +115,8 @@ class DerivationHost(torch.optim.Optimizer):
                 failed = False
                 return loss
             if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+                ctx.dropped = True  # nothing is applied; an accumulation cycle is consumed (its buffers cleared)
+                self._count(CALLS)
                 failed = False
                 return loss
             ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
