@@ -58,7 +58,7 @@ class OptimizerCase:
     needs_names: bool = False
     """Built from ``(name, tensor)`` pairs only: an option of the row matches parameter names."""
     factored: bool = False
-    """Some tensor of the test shapes gets a factored (row and column) second moment."""
+    """A matrix (second-largest dimension >= ``min_dim_size_to_factor``) keeps its second moment as row and column factors."""
     has_foreach: bool = True
     """``foreach=True`` runs a form of its own (so "foreach equals the per-tensor loop" compares two things)."""
     native: bool = True
@@ -101,9 +101,6 @@ class DerivationCase:
     """Acts on the parameters after the base's update (Lookahead, EMA)."""
     transforms_update: bool = False
     """Rewrites the proposed update of the tensors it selects."""
-    scales_lr: bool = False
-    skips_calls: bool = False
-    """Drops whole calls (non-finite gradients); with finite gradients it changes nothing."""
     error_inputs: tuple[ErrorInput, ...] = ()
     """Keywords that must be refused, as constructor keywords and as param-group entries."""
 
@@ -249,7 +246,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     OptimizerCase(
         "adafactor_no_clip_no_scale", D.Adafactor,
         dict(lr=0.01, beta2=0.9, clipping_threshold=None, multiply_by_parameter_scale=False),
-        supports_complex=False, has_foreach=False,
+        supports_complex=False, factored=True, has_foreach=False,
     ),
     OptimizerCase(
         "adafactor_excluded_scale", D.Adafactor, dict(lr=0.01, exclude_from_parameter_scale=["bias"], min_dim_size_to_factor=8),
@@ -308,7 +305,7 @@ DERIVATION_CASES: list[DerivationCase] = [
         ),
     ),
     DerivationCase(
-        "piecewise_linear_lr", D.extend_with_piecewise_linear_lr, dict(lr_schedule={2: 1.0, 6: 0.2}), scales_lr=True,
+        "piecewise_linear_lr", D.extend_with_piecewise_linear_lr, dict(lr_schedule={2: 1.0, 6: 0.2}),
         error_inputs=(
             _e(ValueError, "lr_schedule", lr_schedule={}),
             _e(TypeError, "lr_schedule", lr_schedule=[(0, 1.0)]),
@@ -370,7 +367,7 @@ DERIVATION_CASES: list[DerivationCase] = [
         ),
     ),
     DerivationCase(
-        "skip_nonfinite", D.extend_with_skip_nonfinite, {}, skips_calls=True,
+        "skip_nonfinite", D.extend_with_skip_nonfinite, {},
         error_inputs=(
             _e(ValueError, "max_consecutive_skips", max_consecutive_skips=0),
             _e(TypeError, "max_consecutive_skips", max_consecutive_skips=2.0),

@@ -14,6 +14,7 @@ FOREACH_CASES = [case for case in OPTIMIZER_CASES if case.has_foreach]
 TORCH_REFERENCE_CASES = [case for case in OPTIMIZER_CASES if case.torch_reference is not None]
 DENSE_ONLY_CASES = [case for case in OPTIMIZER_CASES if not case.supports_sparse]
 UNNAMED_CASES = [case for case in OPTIMIZER_CASES if not case.needs_names]
+FACTORED_CASES = [case for case in OPTIMIZER_CASES if case.factored]
 
 
 @pytest.mark.parametrize("case", FOREACH_CASES, ids=case_ids(FOREACH_CASES))
@@ -79,6 +80,20 @@ def test_params_as_tensors_groups_or_named_pairs_agree(case: OptimizerCase) -> N
         outcomes.append(run(case.build(arg), params, gradients(params, 3)))
     for tensors, named, groups in zip(*outcomes):
         assert torch.equal(tensors, named) and torch.equal(tensors, groups)
+
+
+@pytest.mark.parametrize("case", FACTORED_CASES, ids=case_ids(FACTORED_CASES))
+def test_a_factored_matrix_keeps_row_and_column_state_only(case: OptimizerCase) -> None:
+    """API.md section 1: the second moment of a factored matrix is O(rows + cols), never O(rows * cols)."""
+    cols = case.kwargs.get("min_dim_size_to_factor", 128)
+    rows = cols + 3
+    w = torch.nn.Parameter(torch.randn(rows, cols, dtype=torch.float64))
+    opt = case.build([("dense.kernel", w)])
+    w.grad = torch.randn(rows, cols, dtype=torch.float64)
+    opt.step()
+    first_moment = rows * cols if case.kwargs.get("beta1") else 0
+    sizes = {key: value.numel() for key, value in opt.state[w].items() if isinstance(value, torch.Tensor)}
+    assert sum(sizes.values()) <= first_moment + rows + cols + 8, sizes  # + a few scalars (step, ...)
 
 
 def test_per_group_hyperparameters() -> None:
