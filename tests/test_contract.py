@@ -70,8 +70,15 @@ def test_every_derivation_has_a_row() -> None:
     public = {n: getattr(danlu, n) for n in danlu.__all__ if n.startswith("extend_with_")}
     missing = sorted(f"danlu.{n}" for n, f in public.items() if f not in factories)
     assert not missing, f"no row in tests/cases.py DERIVATION_CASES for: {', '.join(missing)}"
-    for name, case in DERIVATIONS.items():
-        assert danlu.factory._DERIVATIONS.get(name) is case.factory, f"row {name!r}: create_optimizer's {name!r} is another factory"
+
+
+@pytest.mark.filterwarnings("ignore:.*matches no parameter name")
+@pytest.mark.parametrize("name", list(DERIVATIONS))
+def test_a_derivation_row_name_builds_the_row_factory_class(name: str) -> None:
+    case = DERIVATIONS[name]
+    pairs = [("dense.kernel", torch.nn.Parameter(torch.ones(2, 3))), ("dense.bias", torch.nn.Parameter(torch.ones(3)))]
+    built = danlu.create_optimizer(pairs, f"adam+{name}", lr=0.1, **case.kwargs)
+    assert type(built).__name__ == case.factory(danlu.Adam).__name__
 
 
 def test_row_ids_are_unique() -> None:
