@@ -21,7 +21,17 @@ import pytest
 import torch
 
 import danlu
-from cases import DERIVATIONS, OPTIMIZER_CASES, DerivationCase, ErrorInput, derivation_error_inputs, error_inputs, one_per_class
+from cases import (
+    DERIVATIONS,
+    FOREIGN_CASES,
+    OPTIMIZER_CASES,
+    DerivationCase,
+    ErrorInput,
+    OptimizerCase,
+    derivation_error_inputs,
+    error_inputs,
+    one_per_class,
+)
 from danlu.derivations.exponential_moving_average import EMAWeightsError
 
 
@@ -194,15 +204,29 @@ def test_sparse_gradients_where_unsupported(spec: str) -> None:
     assert_raises_and_nothing_changes(opt.step, ValueError, f"does not support sparse gradients (parameter {name!r})", opt, pairs)
 
 
-def test_sparse_gradients_where_supported() -> None:
+SPARSE_CASES = [case for case in OPTIMIZER_CASES if case.supports_sparse]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[case.id for case in SPARSE_CASES])
+def test_sparse_gradients_where_supported(case: OptimizerCase) -> None:
     emb = torch.nn.Embedding(5, 2, sparse=True)
-    opt = danlu.extend_with_exponential_moving_average(danlu.LazyAdam)(emb.parameters(), lr=0.1)
+    before = emb.weight.detach().clone()
+    opt = danlu.extend_with_exponential_moving_average(case.cls)(emb.named_parameters(), **case.kwargs)
     emb(torch.tensor([1])).sum().backward()
     opt.step()
+    assert not torch.equal(emb.weight.detach()[1], before[1]) and torch.equal(emb.weight.detach()[0], before[0])
+
+
+LR_SPECS = [
+    *(case.spec for case in OPTIMIZER_CASES if case.spec),
+    *(f"{case.spec}+ema" for case in FOREIGN_CASES if case.spec),  # a bare torch.optim class is torch's, not danlu's
+    "adamw+lookahead+ema",
+    "adafactor+gradient_accumulation",
+]
 
 
 @pytest.mark.parametrize("bad,error", [(math.nan, ValueError), (-0.1, ValueError), (math.inf, ValueError), ("0.1", TypeError)])
-@pytest.mark.parametrize("spec", ["adam", "adamw+lookahead+ema", "torch.AdamW+ema", "adafactor+gradient_accumulation"])
+@pytest.mark.parametrize("spec", LR_SPECS)
 def test_an_lr_broken_after_construction_is_refused_before_anything_changes(spec: str, bad: Any, error: type) -> None:
     opt, pairs = trained(spec)
     for _, p in pairs:
