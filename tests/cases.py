@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -270,10 +270,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
 """Every danlu optimizer class and every ``create_optimizer`` base name has at least one row."""
 
 FOREIGN_CASES: list[OptimizerCase] = [
-    OptimizerCase(
-        "torch.Adam", torch.optim.Adam, dict(lr=0.01, foreach=False), spec="torch.Adam",
-        supports_sparse=False, native=False,
-    ),
+    OptimizerCase("torch.Adam", torch.optim.Adam, dict(lr=0.01, foreach=False), spec="torch.Adam", native=False),
     OptimizerCase("torch.Adam(foreach)", torch.optim.Adam, dict(lr=0.01, foreach=True), native=False),
     OptimizerCase("torch.Adam(fused)", torch.optim.Adam, dict(lr=0.01, fused=True), native=False, has_foreach=False),
     OptimizerCase("torch.AdamW", torch.optim.AdamW, dict(lr=0.01), spec="torch.AdamW", native=False),
