@@ -104,8 +104,8 @@ def build_all(compiler: str, source: Path, directory: Path) -> list[Path]:
         for variant, target in zip(variants(), targets):
             cmd = compile_command(compiler, variant, source, Path(tmp) / target.name)
             jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        errors = [(cmd, job.communicate(timeout=900)[1], job.returncode) for cmd, job in jobs]
-        for cmd, err, returncode in errors:
+        results = [(cmd, job.communicate(timeout=900)[1], job.returncode) for cmd, job in jobs]
+        for cmd, err, returncode in results:
             if returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
         for target in targets:
