@@ -46,3 +46,18 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With DANLU_REQUIRE_NATIVE=1 (CI), stop before any test when the native kernels do not load.
+
+    Without them every optimizer falls back to the pure-PyTorch path and almost every test still passes,
+    so nothing else would show that the fast path is gone.
+    """
+    if os.environ.get("DANLU_REQUIRE_NATIVE") != "1":
+        return
+    from danlu import _native
+
+    if _native.load() is None:
+        status = _native.status()
+        pytest.exit(f"DANLU_REQUIRE_NATIVE=1 but the native kernels did not load: {status['error'] or status}", returncode=1)
