@@ -3,6 +3,7 @@ first-use build (said once) or the pure-PyTorch path (warned once) where the pac
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -133,11 +134,9 @@ def _build_wheel(directory: Path) -> Path:
     """Build the wheel of this checkout (without build isolation where this environment has a recent setuptools)."""
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(directory), str(ROOT)]
     try:
-        import setuptools
-
-        if int(setuptools.__version__.split(".")[0]) >= 77:
+        if int(importlib.metadata.version("setuptools").split(".")[0]) >= 77:
             command.insert(4, "--no-build-isolation")
-    except ImportError:
+    except importlib.metadata.PackageNotFoundError:
         pass
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
