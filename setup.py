@@ -55,7 +55,8 @@ class BuildKernels(build_ext):
         directory = PACKAGE if self.inplace else Path(self.build_lib) / "danlu"
         print(f"danlu: compiling the native kernels ({', '.join(rules.variants())}) with {compiler}", file=sys.stderr)
         try:
-            built = rules.build_all(compiler, PACKAGE / rules.SOURCE_NAME, directory)
+            # in place (editable installs), a library of this very source and flags is kept
+            built = rules.build_all(compiler, PACKAGE / rules.SOURCE_NAME, directory, keep_built=self.inplace)
         except (OSError, RuntimeError) as exc:
             self._skip(str(exc))
             return

@@ -61,3 +61,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if _native.load() is None:
         status = _native.status()
         pytest.exit(f"DANLU_REQUIRE_NATIVE=1 but the native kernels did not load: {status['error'] or status}", returncode=1)
+
+
+def _log_skip(nodeid: str) -> None:
+    """Append a skipped test or module to $DANLU_SKIPPED_LOG (.ci/run reruns them where every extra is installed)."""
+    path = os.environ.get("DANLU_SKIPPED_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(nodeid + "\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _log_skip(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _log_skip(report.nodeid)

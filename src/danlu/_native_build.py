@@ -91,23 +91,28 @@ def compile_library(compiler: str, variant: str, source: Path, target: Path) -> 
         os.replace(out, target)
 
 
-def build_all(compiler: str, source: Path, directory: Path) -> list[Path]:
-    """Compile every variant of this machine into ``directory`` at once; remove libraries of other sources there."""
+def build_all(compiler: str, source: Path, directory: Path, *, keep_built: bool = False) -> list[Path]:
+    """Compile every variant of this machine into ``directory`` at once; remove libraries of other sources there.
+
+    With ``keep_built``, a variant whose library of this very source and flags is there already is not compiled again.
+    """
     code = source.read_bytes()
     directory.mkdir(parents=True, exist_ok=True)
-    targets = [directory / library_name(code, variant) for variant in variants()]
+    targets = {variant: directory / library_name(code, variant) for variant in variants()}
     for stale in directory.glob(f"{PREFIX}*.so"):
-        if stale not in targets:
+        if stale not in targets.values():
             stale.unlink()
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         jobs = []
-        for variant, target in zip(variants(), targets):
+        for variant, target in targets.items():
+            if keep_built and target.is_file():
+                continue
             cmd = compile_command(compiler, variant, source, Path(tmp) / target.name)
             jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         results = [(cmd, job.communicate(timeout=900)[1], job.returncode) for cmd, job in jobs]
         for cmd, err, returncode in results:
             if returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-        for target in targets:
-            os.replace(Path(tmp) / target.name, target)
-    return targets
+        for cmd, _, _ in results:
+            os.replace(cmd[-1], directory / Path(cmd[-1]).name)
+    return list(targets.values())
