@@ -52,7 +52,7 @@ class BuildKernels(build_ext):
         if compiler is None:
             self._skip("no C++ compiler found (set CXX)")
             return
-        directory = PACKAGE if self.inplace else Path(self.build_lib) / "danlu"
+        directory = (PACKAGE if self.inplace else Path(self.build_lib) / "danlu") / rules.LIBRARY_DIR
         print(f"danlu: compiling the native kernels ({', '.join(rules.variants())}) with {compiler}", file=sys.stderr)
         try:
             # in place (editable installs), a library of this very source and flags is kept

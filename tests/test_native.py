@@ -45,7 +45,7 @@ def test_variants_per_platform() -> None:
 def test_library_name_carries_the_source_and_the_variant() -> None:
     variant = next(iter(rules.variants()))
     name = rules.library_name(b"int x;", variant)
-    assert name.startswith(f"_kernels_{variant}-") and name.endswith(".so")
+    assert name.startswith(f"kernels_{variant}-") and name.endswith(".so")
     assert rules.library_name(b"int y;", variant) != name
     assert len({rules.library_name(b"int x;", v) for v in rules.variants()}) == len(rules.variants())
 
@@ -113,6 +113,7 @@ def test_unwritable_cache_warns_once(fresh_state: Path, monkeypatch: pytest.Monk
 
 def test_prebuilt_library_with_another_abi_is_not_used(built: Path, fresh_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     variant = _native._variant()
+    _native._prebuilt_path(variant).parent.mkdir()
     shutil.copy(built, _native._prebuilt_path(variant))
     monkeypatch.setattr(_native, "_ABI", -1)
     monkeypatch.setattr(rules, "find_compiler", lambda: None)
@@ -122,6 +123,7 @@ def test_prebuilt_library_with_another_abi_is_not_used(built: Path, fresh_state:
 
 def test_prebuilt_library_is_preferred_to_a_build(built: Path, fresh_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = _native._prebuilt_path(_native._variant())
+    target.parent.mkdir()
     shutil.copy(built, target)
     monkeypatch.setattr(rules, "find_compiler", lambda: pytest.fail("a compiler was looked for"))
     assert _native.load() is not None
@@ -160,7 +162,7 @@ def test_wheel_carries_every_variant(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         source = archive.read(f"danlu/{rules.SOURCE_NAME}")
         names = {name for name in archive.namelist() if name.endswith(".so")}
-    assert names == {f"danlu/{rules.library_name(source, variant)}" for variant in rules.variants()}
+    assert names == {f"danlu/_lib/{rules.library_name(source, variant)}" for variant in rules.variants()}
 
 
 _STEP = """
@@ -203,7 +205,7 @@ def test_installed_wheel_loads_its_library_without_a_compiler(wheel: Path, capab
     report = json.loads(done.stdout)
     assert Path(report["file"]).parent == target / "danlu"
     assert report["status"]["origin"] == "package" and report["status"]["variant"] == capability
-    assert Path(report["status"]["path"]).parent == target / "danlu"
+    assert Path(report["status"]["path"]).parent == target / "danlu" / "_lib"
     assert not cache.exists()
     assert _native.load() is not None, "the comparison needs the native kernels in this process too"
     assert report["w"] == _step_here()  # every variant rounds as this process's does (no contraction, IEEE ops)

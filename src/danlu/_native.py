@@ -75,7 +75,7 @@ def _variant() -> str:
 
 
 def _prebuilt_path(variant: str) -> Path:
-    return _PACKAGE / rules.library_name(_SOURCE.read_bytes(), variant)
+    return _PACKAGE / rules.LIBRARY_DIR / rules.library_name(_SOURCE.read_bytes(), variant)
 
 
 def _cache_dir() -> Path:

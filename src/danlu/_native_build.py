@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 SOURCE_NAME = "_kernels.cpp"
-PREFIX = "_kernels_"
+# A folder without __init__.py: module scanners (pkgutil, doctest collection) never take a library for a module.
+LIBRARY_DIR = "_lib"
+PREFIX = "kernels_"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 
 # Named after torch.backends.cpu.get_cpu_capability(), lower case: the variant torch picks is the one danlu picks.
@@ -62,7 +64,7 @@ def source_key(source: bytes, variant: str) -> str:
 
 
 def library_name(source: bytes, variant: str) -> str:
-    """The file name of the prebuilt library of ``variant`` for this source."""
+    """The file name of the prebuilt library of ``variant`` for this source (in the package's LIBRARY_DIR)."""
     return f"{PREFIX}{variant}-{source_key(source, variant)}.so"
 
 
