@@ -23,8 +23,8 @@ class Progress:
     def step(self, step: int, steps: int, loss: float) -> None:
         """A training step of the current run finished."""
 
-    def run_finished(self, phase: str, record: RunRecord, reused: bool) -> None:
-        """A run finished (or was found finished in the output folder)."""
+    def run_finished(self, phase: str, record: RunRecord, reused: bool, remote: bool = False) -> None:
+        """A run finished (or was found finished in the output folder); ``remote``: trained by a worker."""
 
     def message(self, text: str) -> None:
         """A one-line note for the user."""
@@ -86,11 +86,11 @@ class RichProgress(Progress):
             self._bar.update(self._current, completed=step, info=f"loss {loss:.4f}")
             self._bar.advance(self._overall)
 
-    def run_finished(self, phase: str, record: RunRecord, reused: bool) -> None:
+    def run_finished(self, phase: str, record: RunRecord, reused: bool, remote: bool = False) -> None:
         self._done += 1
         note = " (reused from the output folder)" if reused else ""
         if self._bar is not None:
-            advance = self._steps if reused else self._steps - record.steps
+            advance = self._steps if reused or remote else self._steps - record.steps
             if advance:
                 self._bar.advance(self._overall, advance)
             if reused:
