@@ -21,7 +21,8 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r} (a budget of zero trains nothing)")
+        budget = " (a budget of zero trains nothing)" if name in ("steps", "seeds") else ""
+        raise ValueError(f"{name} must be >= 1, got {value!r}{budget}")
     return int(value)
 
 

@@ -56,8 +56,14 @@ class Baseline:
 
 
 def accuracy_baseline(rate: float, examples: int) -> Baseline:
-    """Chance for accuracy: the majority-class ``rate``; margin two binomial standard errors (at least 1 example)."""
-    margin = max(2 * math.sqrt(rate * (1 - rate) / max(1, examples)), 1 / max(1, examples))
+    """Chance for accuracy: the majority-class ``rate``.
+
+    The margin is two binomial standard errors (at least one example), but never
+    more than a quarter of the way from chance to a perfect score, so that a run
+    on a small evaluation split can still count as learning.
+    """
+    n = max(1, examples)
+    margin = min(max(2 * math.sqrt(rate * (1 - rate) / n), 1 / n), (1 - rate) / 4)
     return Baseline(rate, margin)
 
 

@@ -87,7 +87,11 @@ class TextTask(Task):
         self.label_column = check_column_name("label_column", label_column)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.max_len = check_positive_int("max_len", max_len)
-        self.trainable_layers = check_optional_positive_int("trainable_layers", trainable_layers)
+        if trainable_layers is not None and (isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int)
+                                             or trainable_layers < 0):
+            raise ValueError(f"trainable_layers must be an int >= 0 (0: only the classification head), "
+                             f"got {trainable_layers!r}")
+        self.trainable_layers = trainable_layers
         self.subset = check_optional_positive_int("subset", subset)
         self.defaults = TaskDefaults(steps=100, seeds=3, eval_every=10, lr_grid=(0.3, 1.0, 3.0))
         self.classes: list[str] = []
