@@ -20,6 +20,7 @@ processes or on a Ray cluster, with the same numbers.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -104,9 +105,15 @@ class ArenaConfig:
         return len(self.optimizers) * (len(self.lr_grid) + self.seeds - 1)
 
     def worker_count(self) -> int:
-        """``workers`` if given, else the cores of this machine capped by the number of runs."""
+        """``workers`` if given, else the cores of this machine capped by the number of runs.
+
+        Where worker processes cannot be forked (not Linux), the default is one
+        process: spawned workers would need a task that pickles.
+        """
         if self.workers is not None:
             return self.workers
+        if not sys.platform.startswith("linux"):
+            return 1
         return max(1, min(available_cores(), self.planned_runs))
 
     def threads_per_run(self, workers: int) -> int | None:
