@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,27 @@ def test_cli_exit_status_when_a_run_fails(tmp_path: Path, monkeypatch: pytest.Mo
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["recommendation"]["optimizer"] == "adam" and data["meta"]["failed"] == {
         "lion lr=0.001 seed=0": "RuntimeError: lion broke"}
+
+
+def test_interrupt_in_a_worker_keeps_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from danlu.arena import arena as arena_module
+
+    real = arena_module.train_run
+
+    def interrupt_lion(task: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+        if key.spec == "lion":  # once adam's run is on disk, as if Ctrl-C came then
+            deadline = time.monotonic() + 120
+            while not list((tmp_path / "runs").glob("adam__*.json")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        return real(task, key, *args, **kwargs)
+
+    options = dict(optimizers="adam,lion", steps=5, seeds=1, lr_grid="1", out=tmp_path, progress=False)
+    monkeypatch.setattr(arena_module, "train_run", interrupt_lion)
+    stopped = danlu.arena.run_task("digits", workers=2, **options)
+    assert stopped.interrupted and not stopped.failed
+    assert [r.spec for r in stopped.records] == ["adam"]
+    assert "Interrupted" in (tmp_path / "report.html").read_text()
+    monkeypatch.setattr(arena_module, "train_run", real)
+    resumed = danlu.arena.run_task("digits", workers=2, **options)
+    assert not resumed.interrupted and sorted(r.spec for r in resumed.records) == ["adam", "lion"]

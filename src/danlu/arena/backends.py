@@ -136,10 +136,13 @@ class ProcessPool(Backend):
             return future
 
     def close(self, cancel: bool = False) -> None:
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
         self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
-        if cancel:
-            for process in list(getattr(self._executor, "_processes", {}).values()):
+        if cancel:  # runs in flight are dropped: their workers are stopped, not waited for
+            for process in processes:
                 process.terminate()
+            for process in processes:
+                process.join(timeout=10)
 
 
 def _run_on_ray(job: RunJob, key: RunKey) -> RunRecord:
