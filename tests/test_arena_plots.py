@@ -9,7 +9,7 @@ from danlu.arena.summary import Row
 
 pytest.importorskip("matplotlib")
 
-from danlu.arena.plots import intervals_figure, style_for, zoom_band  # noqa: E402
+from danlu.arena.plots import intervals_figure, style_for, zoom_band
 
 
 def test_every_series_looks_different_for_large_rosters() -> None:
