@@ -344,7 +344,7 @@ class Arena:
                     reused = True
                     continue
                 if backend.remote:
-                    self.progress.run_started(phase, key)
+                    self.progress.run_started(phase, key, remote=True)
                 pending[backend.submit(phase, key)] = (phase, key)
                 in_flight.add(key)
 

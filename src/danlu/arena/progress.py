@@ -17,8 +17,8 @@ class Progress:
     def add_runs(self, count: int) -> None:
         """``count`` more runs were planned than announced."""
 
-    def run_started(self, phase: str, key: RunKey) -> None:
-        """A run starts (``phase`` is "sweep" or "seeds")."""
+    def run_started(self, phase: str, key: RunKey, remote: bool = False) -> None:
+        """A run starts (``phase`` is "sweep" or "seeds"); ``remote``: handed to a worker, no step progress."""
 
     def step(self, step: int, steps: int, loss: float) -> None:
         """A training step of the current run finished."""
@@ -75,10 +75,14 @@ class RichProgress(Progress):
         if self._bar is not None:
             self._bar.update(self._overall, total=self._total * self._steps)
 
-    def run_started(self, phase: str, key: RunKey) -> None:
+    def run_started(self, phase: str, key: RunKey, remote: bool = False) -> None:
         if self._bar is not None:
             from rich.markup import escape
 
+            if remote:
+                self._bar.update(self._current, description=escape(f"[{phase}] handed to a worker: {key.label()}"),
+                                 info="")
+                return
             self._bar.reset(self._current, total=self._steps, description=escape(f"[{phase}] {key.label()}"), info="")
 
     def step(self, step: int, steps: int, loss: float) -> None:

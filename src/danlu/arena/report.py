@@ -218,9 +218,11 @@ def recommendation_lines(result: ArenaResult) -> list[str]:
         lines.append("With one seed nothing can be told apart: every finished optimizer is tied with it. "
                      "Rerun with --seeds 3 or more for a recommendation that means something.")
     elif verdict == "all tied":
-        lines.append(f"The seeds are too few to separate anything: none of the other {len(pick.comparisons)} "
-                     f"optimizer(s) can be told apart from it ({TEST_NAME}, {CONFIDENCE:.0%}). "
-                     "More seeds would narrow the intervals.")
+        others = len(pick.comparisons)
+        whom = "the other optimizer" if others == 1 else f"none of the other {others} optimizers"
+        verb = " cannot" if others == 1 else " can"
+        lines.append(f"The seeds are too few to separate anything: {whom}{verb} be told apart from it ({TEST_NAME}, "
+                     f"{CONFIDENCE:.0%}). More seeds would narrow the intervals.")
     elif pick.tied:
         lines.append(f"Tied with it (cannot be told apart; {TEST_NAME}, {CONFIDENCE:.0%} two-sided interval of the "
                      f"per-seed difference contains 0): {', '.join(pick.tied)}.")
