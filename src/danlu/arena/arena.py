@@ -253,7 +253,6 @@ class Arena:
         self.failed: dict[RunKey, str] = {}
         self.timings: dict[str, Any] = {}
         self._val_baseline = config.task.baseline("val")
-        self._announced = config.planned_runs
 
     def run(self) -> ArenaResult:
         """Train everything not already in the output folder, time each optimizer, and write the report.
@@ -337,7 +336,6 @@ class Arena:
                     continue
                 if phase == "sweep" and key.lr not in self.config.lrs(key.spec):
                     self.progress.add_runs(1)
-                    self._announced += 1
                 record = self._reusable(key)
                 if record is not None:
                     self._accept(phase, record, reused=True, remote=False)
