@@ -13,6 +13,7 @@ from typing import Any
 #: Why a count must be at least one, where that is not plain from its name.
 _AT_LEAST_ONE_BECAUSE = {
     "steps": "a budget of zero trains nothing",
+    "seeds": "a budget of zero trains nothing",
     "threads": "torch runs on at least one CPU thread",
 }
 
