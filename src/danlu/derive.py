@@ -10,7 +10,7 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -97,7 +97,7 @@ class ForeignHost(DerivationHost):
                 if entries:
                     hidden.append((state, entries))
         try:
-            super(DerivationHost, self).step()
+            _unhooked_base_step(type(self))(self)
         finally:
             for state, entries in hidden:
                 state.update(entries)
@@ -122,6 +122,24 @@ class ForeignHost(DerivationHost):
             group, olds, params, [p.grad for p in params], [names[i] for i in indices], [lr] * len(params)
         )
         torch._foreach_add_(params, olds)
+
+
+def _unhooked_base_step(cls: type) -> Callable[..., Any]:
+    """The base optimizer's ``step`` without torch's hook wrapper.
+
+    ``torch.optim.Optimizer`` wraps a class's ``step`` with its hook machinery (step pre- and post-hooks,
+    the profiler record) at the first instantiation of that class. The derived class's own ``step`` is
+    wrapped the same way; calling the base's wrapped ``step`` from inside it would run every hook twice,
+    the inner time before Lookahead or EMA have run.
+    """
+    mro = cls.__mro__
+    for klass in mro[mro.index(DerivationHost) + 1 :]:
+        step = klass.__dict__.get("step")
+        if step is not None:
+            while getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+                step = step.__wrapped__
+            return step  # type: ignore[no-any-return]
+    raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
 
 
 def _as_float(lr: Any) -> float:

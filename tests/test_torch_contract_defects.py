@@ -1,0 +1,135 @@
+"""Regression tests for torch.optim conventions that danlu once broke (API.md section 8).
+
+Step hooks once per step, complex parameters, LazyAdam's sparse and channels_last gradients,
+pickling of classes and whole optimizers, and the factory's message for a torch argument name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+import danlu
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+
+def _hook_log(opt: torch.optim.Optimizer, w: torch.Tensor) -> list[Any]:
+    log: list[Any] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: log.append(("pre", w.detach().clone())))
+    opt.register_step_post_hook(lambda o, args, kwargs: log.append(("post", w.detach().clone())))
+    return log
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, danlu.SGD], ids=["torch.optim.SGD", "danlu.SGD"])
+def test_step_hooks_run_once_after_the_derivations(base: type) -> None:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    base([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # a plain instance: torch hooks the base class's step
+    derived = danlu.extend_with_lookahead(danlu.extend_with_weight_decay(base))
+    opt = derived([w], lr=0.1, weight_decay_rate=0.5, steps_per_slow_update=1, slow_step_size=0.5)
+    log = _hook_log(opt, w)
+    w.grad = torch.ones(2, dtype=torch.float64)
+    opt.step()
+    # SGD and decay: 1 - 0.1 - 0.05 = 0.85; Lookahead with alpha 0.5 over slow weights 1: 0.925
+    assert [kind for kind, _ in log] == ["pre", "post"]
+    assert torch.equal(log[0][1], torch.ones(2, dtype=torch.float64))
+    assert torch.equal(log[1][1], torch.full((2,), 0.925, dtype=torch.float64))
+
+
+def test_issue_example_weight_decay_over_torch_sgd_calls_the_hook_once() -> None:
+    w = torch.nn.Parameter(torch.ones(1))
+    torch.optim.SGD([w])
+    opt = danlu.extend_with_weight_decay(torch.optim.SGD)([w], lr=0.1)
+    calls: list[int] = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(1))
+    w.grad = torch.ones(1)
+    opt.step()
+    assert calls == [1]
+
+
+def test_global_step_hooks_run_once_for_a_derived_torch_base() -> None:
+    w = torch.nn.Parameter(torch.ones(1))
+    torch.optim.Adam([w])
+    opt = danlu.extend_with_exponential_moving_average(torch.optim.Adam)([w], lr=0.1)
+    seen: list[str] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append("pre") if o is opt else None),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append("post") if o is opt else None),
+    ]
+    try:
+        w.grad = torch.ones(1)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == ["pre", "post"]
+
+
+def test_a_pre_hook_can_replace_the_closure_of_a_derived_step() -> None:
+    w = torch.nn.Parameter(torch.ones(1))
+    torch.optim.SGD([w])
+    opt = danlu.extend_with_lookahead(torch.optim.SGD)([w], lr=0.1)
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((args[0],), {"closure": lambda: 42.0}))
+    w.grad = torch.ones(1)
+    assert opt.step() == 42.0
+
+
+def test_the_derived_class_step_is_torch_hooked_and_profiled_under_its_own_name() -> None:
+    cls = danlu.extend_with_lookahead(torch.optim.SGD, name="ProfiledSGD")
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = cls([w], lr=0.1)
+    assert getattr(cls.step, "hooked", False)
+    w.grad = torch.ones(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+    assert names == ["Optimizer.step#ProfiledSGD.step"]
+
+
+# -------------------------------------------------------------------------------------------- factory
+
+ADAMW_KEYWORDS = (
+    "lr, betas, eps, bias_correction, foreach, state_dtype, stochastic_rounding, weight_decay_rate, exclude_from_weight_decay"
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "message"),
+    [
+        (
+            "adamw",
+            {"weight_decay": 0.01},
+            "create_optimizer('adamw'): unexpected keyword argument 'weight_decay'; danlu's decoupled weight decay is "
+            f"'weight_decay_rate'. Valid keyword arguments for 'adamw': {ADAMW_KEYWORDS}",
+        ),
+        (
+            "adam",
+            {"weight_decay": 0.01},
+            "create_optimizer('adam'): unexpected keyword argument 'weight_decay'; 'adam' has no weight decay: use 'adamw' "
+            "or add '+weight_decay', then pass weight_decay_rate. Valid keyword arguments for 'adam': "
+            "lr, betas, eps, bias_correction, foreach, state_dtype, stochastic_rounding",
+        ),
+        (
+            "adam+lookahead",
+            {"lr": 0.1, "k": 5},
+            "create_optimizer('adam+lookahead'): unexpected keyword argument 'k'; danlu calls it 'steps_per_slow_update'. "
+            "Valid keyword arguments for 'adam+lookahead': lr, betas, eps, bias_correction, foreach, state_dtype, "
+            "stochastic_rounding, steps_per_slow_update, slow_step_size",
+        ),
+        (
+            "torch.SGD",
+            {"lr": 0.1, "weight_decay_rate": 0.1},
+            "create_optimizer('torch.SGD'): unexpected keyword argument 'weight_decay_rate'; 'torch.SGD' takes torch's "
+            "'weight_decay' (add '+weight_decay' for danlu's decoupled decay). Valid keyword arguments for 'torch.SGD': "
+            + ", ".join(list(inspect.signature(torch.optim.SGD).parameters)[1:]),  # torch's own list, version-dependent
+        ),
+    ],
+)
+def test_an_unknown_keyword_names_the_spec_and_the_valid_keywords(spec: str, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(TypeError) as info:
+        danlu.create_optimizer(torch.nn.Linear(2, 2), spec, **kwargs)
+    assert str(info.value) == message
