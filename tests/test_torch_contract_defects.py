@@ -6,7 +6,13 @@ pickling of classes and whole optimizers, and the factory's message for a torch 
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +139,93 @@ def test_an_unknown_keyword_names_the_spec_and_the_valid_keywords(spec: str, kwa
     with pytest.raises(TypeError) as info:
         danlu.create_optimizer(torch.nn.Linear(2, 2), spec, **kwargs)
     assert str(info.value) == message
+
+
+# ------------------------------------------------------------------------------------------- pickling
+
+
+@pytest.mark.parametrize("cls", [danlu.AdamW, danlu.Lamb, danlu.Ranger, danlu.LazyAdam, danlu.Adam])
+def test_ready_made_classes_pickle_by_reference(cls: type) -> None:
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_a_derived_class_bound_to_its_name_in_its_module_pickles_by_reference() -> None:
+    assert DerivedAtModuleLevel.__module__ == __name__
+    assert pickle.loads(pickle.dumps(DerivedAtModuleLevel)) is DerivedAtModuleLevel
+
+
+DerivedAtModuleLevel = danlu.extend_with_lookahead(torch.optim.SGD, name="DerivedAtModuleLevel")
+
+STACKS: dict[str, Any] = {
+    "danlu.Lamb": lambda model: danlu.Lamb(model.named_parameters(), lr=0.01),
+    "adamw+lookahead+ema (factory)": lambda model: danlu.create_optimizer(
+        model, "adamw+lookahead+ema", lr=0.01, steps_per_slow_update=2, ema_momentum=0.5
+    ),
+    "torch.optim.AdamW+lookahead": lambda model: danlu.extend_with_lookahead(torch.optim.AdamW)(
+        model.parameters(), lr=0.01, steps_per_slow_update=2
+    ),
+    "torch.optim.SGD+weight_decay+gradient_accumulation+ema": lambda model: danlu.extend_with_exponential_moving_average(
+        danlu.extend_with_gradient_accumulation(danlu.extend_with_weight_decay(torch.optim.SGD), name="Named")
+    )(model.parameters(), lr=0.1, momentum=0.9, grad_accum_steps=2, ema_momentum=0.9),
+    "danlu.AdamW+piecewise_linear_lr": lambda model: danlu.extend_with_piecewise_linear_lr(danlu.AdamW)(
+        model.parameters(), lr=0.01, lr_schedule={2: 1.0, 5: 0.5}
+    ),
+}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x = torch.linspace(-1, 1, 6 * 3, dtype=torch.float64).reshape(6, 3) * (1 + step)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def _params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_a_saved_derived_optimizer_continues_bit_identically(stack: str) -> None:
+    model = _model()
+    opt = STACKS[stack](model)
+    _train(model, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model, "optimizer": opt}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy({"model": model, "optimizer": opt})
+    assert type(copied["optimizer"]) is type(opt)
+    assert type(loaded["optimizer"]).__name__ == type(opt).__name__
+    assert [type(d) for d in type(loaded["optimizer"])._danlu_derivations] == [type(d) for d in type(opt)._danlu_derivations]
+    _train(model, opt, range(3, 7))
+    for twin in (loaded, copied):
+        _train(twin["model"], twin["optimizer"], range(3, 7))
+        assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(twin["model"])))
+        assert twin["optimizer"].param_groups[0]["applied_steps"] == opt.param_groups[0]["applied_steps"]
+
+
+def test_a_derived_optimizer_loads_in_a_fresh_process(tmp_path: Any) -> None:
+    model = _model()
+    opt = STACKS["torch.optim.SGD+weight_decay+gradient_accumulation+ema"](model)
+    _train(model, opt, range(3))
+    torch.save({"model": model, "optimizer": opt}, tmp_path / "whole.pt")
+    _train(model, opt, range(3, 7))
+    torch.save(_params(model), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_torch_contract_defects import _params, _train
+whole = torch.load({str(tmp_path / "whole.pt")!r}, weights_only=False)
+assert type(whole["optimizer"]).__name__ == "NamedWithExponentialMovingAverage", type(whole["optimizer"])
+_train(whole["model"], whole["optimizer"], range(3, 7))
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+assert all(torch.equal(a, b) for a, b in zip(expected, _params(whole["model"])))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
