@@ -229,3 +229,119 @@ assert all(torch.equal(a, b) for a, b in zip(expected, _params(whole["model"])))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- LazyAdam
+
+
+def _lazy_run(shape: tuple[int, ...], grads: list[torch.Tensor], dense: bool, memory_format: Any = None) -> torch.Tensor:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+    if memory_format is not None:
+        w = torch.nn.Parameter(w.detach().to(memory_format=memory_format))
+    opt = danlu.LazyAdam([w], lr=0.1, eps=1e-8)
+    for grad in grads:
+        grad = grad.to_dense() if dense and grad.is_sparse else grad
+        w.grad = grad.to(memory_format=memory_format) if memory_format is not None else grad
+        opt.step()
+    return w.detach()
+
+
+def _gather_grad(shape: tuple[int, int], index: list[list[int]], scale: float) -> torch.Tensor:
+    w = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    picked = torch.gather(w, 1, torch.tensor(index), sparse_grad=True)
+    (picked * torch.arange(1.0, picked.numel() + 1, dtype=torch.float64).reshape(picked.shape) * scale).sum().backward()
+    assert w.grad is not None and w.grad.is_sparse and w.grad.sparse_dim() == 2
+    return w.grad
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [[[0, 2], [1, 1], [2, 0], [0, 0]]] * 3,  # duplicates within a row
+        [[[2], [0], [1], [1]], [[0, 1, 2], [0, 1, 2], [2, 2, 2], [1, 0, 2]], [[1], [1], [1], [1]]],  # other numbers of non-zeros
+    ],
+    ids=["same-pattern", "changing-nnz"],
+)
+def test_lazy_adam_element_sparse_gradient_acts_as_its_dense_equivalent(indices: list[list[list[int]]]) -> None:
+    grads = [_gather_grad((4, 3), index, 1.0 + step) for step, index in enumerate(indices)]
+    sparse, dense = _lazy_run((4, 3), grads, dense=False), _lazy_run((4, 3), grads, dense=True)
+    assert torch.equal(sparse, dense)
+
+
+def test_lazy_adam_element_sparse_gradient_leaves_untouched_rows() -> None:
+    grads = [_coo([[0, 1, 1], [0, 2, 2]], [1.0, 2.0, 0.5], (4, 3))]  # element-sparse, rows 0 and 1 only
+    torch.manual_seed(0)
+    before = torch.randn(4, 3, dtype=torch.float64)
+    after = _lazy_run((4, 3), grads, dense=False)
+    assert torch.equal(after[2:], before[2:]) and not torch.equal(after[:2], before[:2])
+
+
+def _coo(indices: list[list[int]], values: list[Any], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.sparse_coo_tensor(torch.tensor(indices), torch.tensor(values, dtype=torch.float64), shape)
+
+
+def _ones(*shape: int) -> torch.Tensor:
+    """A sparse gradient of ones whose only sparse dimension is the first."""
+    return torch.ones(*shape, dtype=torch.float64).to_sparse(1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grads"),
+    [
+        ((5,), [_coo([[0, 3, 3]], [1.0, 2.0, -0.5], (5,)), _coo([[4]], [0.25], (5,))]),  # 1-D, uncoalesced
+        ((5, 2), [_coo([[1, 3, 1]], [[1.0, 2.0], [0.5, 0.0], [-1.0, 1.0]], (5, 2)), _coo([[4, 0]], [[1.0, 1.0], [2.0, 0.0]], (5, 2))]),
+        ((5, 2), [_ones(5, 2), _coo([[1, 1, 2]], [[1.0, 2.0], [-1.0, -2.0], [3.0, 0.0]], (5, 2))]),  # row 1 sums to 0
+        ((3, 2, 2), [_coo([[0, 2, 0], [1, 0, 1]], [[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]], (3, 2, 2))]),  # rows of a 3-D tensor
+        ((3, 2, 2), [_ones(3, 2, 2), _coo([[2, 0]], [[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]], (3, 2, 2))]),
+    ],
+    ids=["1-D", "embedding-rows", "zero-row", "3-D-rows", "3-D-sparse-dim-1"],
+)
+def test_lazy_adam_sparse_gradient_acts_as_its_dense_equivalent(shape: tuple[int, ...], grads: list[torch.Tensor]) -> None:
+    assert torch.equal(_lazy_run(shape, grads, dense=False), _lazy_run(shape, grads, dense=True))
+
+
+def test_lazy_adam_embedding_sparse_equals_dense_embedding() -> None:
+    results = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 3, sparse=sparse).double()
+        opt = danlu.LazyAdam(emb.parameters(), lr=0.1)
+        for ids in ([1, 4, 1], [0, 1], [5, 5, 5]):
+            opt.zero_grad()
+            emb(torch.tensor(ids)).pow(2).sum().backward()
+            opt.step()
+        results.append(emb.weight.detach())
+    assert torch.equal(results[0], results[1])
+
+
+def test_lazy_adam_channels_last_parameter_equals_contiguous() -> None:
+    torch.manual_seed(1)
+    grads = []
+    for _ in range(3):
+        g = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        g[1] = 0
+        g[2, :, 0] = 0  # rows are the last axis: some rows of a kernel are absent
+        grads.append(g)
+    cl = _lazy_run((4, 3, 2, 2), grads, dense=True, memory_format=torch.channels_last)
+    plain = _lazy_run((4, 3, 2, 2), grads, dense=True)
+    assert torch.equal(cl, plain)
+
+
+def test_lazy_adam_trains_a_channels_last_conv_model() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.Conv2d(3, 1, 2)).double()
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    twins = [torch.nn.Parameter(p.detach().contiguous()) for p in model.parameters()]
+    opt, twin_opt = danlu.LazyAdam(model.parameters(), lr=0.01), danlu.LazyAdam(twins, lr=0.01)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        for p, twin in zip(model.parameters(), twins):
+            assert p.grad is not None
+            twin.grad = p.grad.contiguous()
+        opt.step()
+        twin_opt.step()
+    assert all(torch.equal(p.detach(), twin.detach()) for p, twin in zip(model.parameters(), twins))
