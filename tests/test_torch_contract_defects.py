@@ -345,3 +345,172 @@ def test_lazy_adam_trains_a_channels_last_conv_model() -> None:
         opt.step()
         twin_opt.step()
     assert all(torch.equal(p.detach(), twin.detach()) for p, twin in zip(model.parameters(), twins))
+
+
+# -------------------------------------------------------------------------------------------- complex
+
+COMPLEX_CASES: dict[str, tuple[type, type, dict[str, Any], dict[str, Any]]] = {
+    # name: (danlu class, torch.optim class, danlu keywords, torch keywords)
+    "Adam": (danlu.Adam, torch.optim.Adam, dict(lr=0.1, eps=1e-8), dict(lr=0.1, eps=1e-8)),
+    "AdamW": (danlu.AdamW, torch.optim.AdamW, dict(lr=0.1, eps=1e-8, weight_decay_rate=0.1), dict(lr=0.1, weight_decay=0.1)),
+    "LazyAdam": (danlu.LazyAdam, torch.optim.Adam, dict(lr=0.1, eps=1e-8), dict(lr=0.1, eps=1e-8)),
+    "NAdam": (danlu.NAdam, torch.optim.NAdam, dict(lr=0.1), dict(lr=0.1)),
+    "RAdam": (danlu.RAdam, torch.optim.RAdam, dict(lr=0.1), dict(lr=0.1)),
+    "RMSprop": (danlu.RMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True), dict(lr=0.01, momentum=0.5, centered=True)),
+    "Adagrad": (danlu.Adagrad, torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1), dict(lr=0.1, initial_accumulator_value=0.1)),
+    "Adadelta": (danlu.Adadelta, torch.optim.Adadelta, dict(lr=1.0), dict(lr=1.0)),
+    "SGD": (danlu.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.9, nesterov=True)),
+}
+
+
+def _complex_run(cls: type, kwargs: dict[str, Any], real_pairs: bool = False, steps: int = 5) -> torch.Tensor:
+    """Train a complex (3, 2) parameter, or the real (3, 4) tensor of its (real, imag) pairs, on fixed gradients."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 2, dtype=torch.complex128)
+    grads = [torch.randn(3, 2, dtype=torch.complex128) for _ in range(steps)]
+    if steps > 1:
+        grads[1][1] = 0  # a row without gradient (LazyAdam leaves it)
+    as_param = (lambda t: torch.view_as_real(t).flatten(-2)) if real_pairs else (lambda t: t)
+    w = torch.nn.Parameter(as_param(z).clone())
+    opt = cls([w], **kwargs)
+    for grad in grads:
+        w.grad = as_param(grad).clone()
+        opt.step()
+    return torch.view_as_complex(w.detach().unflatten(-1, (-1, 2))) if real_pairs else w.detach()
+
+
+@pytest.fixture
+def float64_default() -> Any:
+    """torch.optim keeps scalar state (NAdam's mu_product, step counters) in the default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("name", list(COMPLEX_CASES))
+def test_complex_parameter_follows_torch_optim(name: str, float64_default: Any) -> None:
+    ours, theirs, our_kwargs, their_kwargs = COMPLEX_CASES[name]
+    if name == "LazyAdam":  # torch's Adam has no lazy rows: compare where every row has a gradient
+        got = _complex_run(ours, our_kwargs, steps=1)
+        want = _complex_run(theirs, their_kwargs, steps=1)
+    else:
+        got, want = _complex_run(ours, our_kwargs), _complex_run(theirs, their_kwargs)
+    assert got.dtype is torch.complex128
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_issue_example_moves_the_imaginary_part() -> None:
+    results = []
+    for cls in (danlu.Adam, torch.optim.Adam):
+        z = torch.nn.Parameter(torch.tensor([1 + 1j], dtype=torch.complex128))
+        z.grad = torch.tensor([1j], dtype=torch.complex128)
+        cls([z], lr=0.1, eps=1e-6).step()
+        results.append(z.detach())
+    assert results[0].real.item() == 1.0
+    assert results[0].imag.item() == pytest.approx(0.9, abs=1e-6)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-15, atol=0)
+
+
+DERIVED_COMPLEX: dict[str, tuple[type, dict[str, Any]]] = {
+    **{name: (case[0], case[2]) for name, case in COMPLEX_CASES.items()},
+    "Lion": (danlu.Lion, dict(lr=0.01)),
+    "Lamb": (danlu.Lamb, dict(lr=0.01, weight_decay_rate=0.1)),
+    "Adam+lazy+paramwise+ema+lookahead": (
+        danlu.extend_with_lookahead(
+            danlu.extend_with_exponential_moving_average(
+                danlu.extend_with_parameter_wise_lr(danlu.extend_with_lazy_optimization(danlu.Adam))
+            )
+        ),
+        dict(lr=0.1, steps_per_slow_update=2, ema_momentum=0.5),
+    ),
+    "RMSprop+accumulation+warmup+skip": (
+        danlu.extend_with_skip_nonfinite(
+            danlu.extend_with_piecewise_linear_lr(danlu.extend_with_gradient_accumulation(danlu.RMSprop))
+        ),
+        dict(lr=0.01, grad_accum_steps=2, lr_schedule={3: 1.0}),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DERIVED_COMPLEX))
+@pytest.mark.parametrize("foreach", [False, None], ids=["per-tensor", "default"])
+def test_complex_parameter_equals_its_real_pairs(name: str, foreach: bool | None) -> None:
+    cls, kwargs = DERIVED_COMPLEX[name]
+    kwargs = {**kwargs, "foreach": foreach}
+    got, want = _complex_run(cls, kwargs), _complex_run(cls, kwargs, real_pairs=True)
+    if foreach is False:  # the same torch operations on the same numbers
+        assert torch.equal(got, want)
+    else:  # the real pairs may take the native kernels
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("base", [torch.optim.Adam, danlu.Adam], ids=["torch.optim.Adam", "danlu.Adam"])
+def test_weight_decay_over_a_complex_parameter_is_torch_adamw(base: type, float64_default: Any) -> None:
+    got = _complex_run(danlu.extend_with_weight_decay(base), dict(lr=0.1, eps=1e-8, weight_decay_rate=0.1))
+    want = _complex_run(torch.optim.AdamW, dict(lr=0.1, eps=1e-8, weight_decay=0.1))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_lazy_adam_leaves_a_complex_row_without_gradient() -> None:
+    z = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.complex128))
+    opt = danlu.LazyAdam([z], lr=0.1)
+    z.grad = torch.full((3, 2), 1j, dtype=torch.complex128)
+    opt.step()
+    first = z.detach().clone()
+    z.grad = torch.zeros(3, 2, dtype=torch.complex128)
+    z.grad[0, 1] = 1j  # row 0 is present: z[0, 0] moves on its momentum; rows 1 and 2 stay
+    opt.step()
+    assert torch.equal(z.detach()[1:], first[1:])
+    assert (z.detach()[0] != first[0]).all()
+
+
+@pytest.mark.parametrize(
+    "cls", [danlu.Adafactor, danlu.extend_with_lookahead(danlu.Adafactor)], ids=["Adafactor", "Adafactor+lookahead"]
+)
+def test_an_optimizer_without_complex_support_names_the_parameter(cls: type) -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    z = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    opt = cls([("w", w), ("encoder.z", z)], lr=0.1)
+    w.grad, z.grad = torch.ones(2), torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(ValueError) as info:
+        opt.step()
+    assert str(info.value) == (
+        f"{cls.__name__} does not support complex parameters (parameter 'encoder.z', torch.complex64): "
+        "pass torch.view_as_real(p) as a real parameter, or use an optimizer that takes complex ones"
+    )
+    assert torch.equal(w.detach(), torch.ones(2)) and not opt.state and opt.param_groups[0].get("applied_steps", 0) == 0
+    unnamed = cls([z], lr=0.1)
+    with pytest.raises(ValueError, match=r"\(parameter 0 of param group 0, torch.complex64\)"):
+        unnamed.step()
+
+
+def test_complex_state_survives_a_state_dict_round_trip_bit_identically() -> None:
+    cls = danlu.extend_with_exponential_moving_average(danlu.extend_with_lookahead(danlu.AdamW))
+    kwargs = dict(lr=0.1, steps_per_slow_update=2, ema_momentum=0.5)
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 2, dtype=torch.complex64) for _ in range(6)]
+    z = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    opt = cls([z], **kwargs)
+    for grad in grads[:3]:
+        z.grad = grad.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(v.dtype is torch.complex64 for k, v in saved["state"][0].items() if k != "step")
+    twin = torch.nn.Parameter(z.detach().clone())
+    resumed = cls([twin], **kwargs)
+    resumed.load_state_dict(saved)
+    for grad in grads[3:]:
+        z.grad, twin.grad = grad.clone(), grad.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(z.detach(), twin.detach())
+    with opt.ema_weights(), resumed.ema_weights():
+        assert torch.equal(z.detach(), twin.detach())
+
+
+def test_layer_adaptation_over_a_torch_base_takes_complex_parameters() -> None:
+    cls = danlu.extend_with_layer_adaptation(danlu.extend_with_weight_decay(torch.optim.Adam))
+    kwargs = dict(lr=0.1, weight_decay_rate=0.1)
+    got, want = _complex_run(cls, kwargs), _complex_run(cls, kwargs, real_pairs=True)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
