@@ -141,7 +141,7 @@ def _unhooked_base_step(cls: type) -> Callable[..., Any]:
         if step is not None:
             while getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
                 step = step.__wrapped__
-            return step  # type: ignore[no-any-return]
+            return step
     raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
 
 
@@ -185,7 +185,8 @@ def _check_derived(opt: DerivationHost) -> None:
         if len(counts) > 1:
             raise ValueError(f"grad_accum_steps must be the same in every parameter group, got {sorted(counts)}")
     if any(isinstance(d, WeightDecay) for d in opt._danlu_derivations):
-        if any(g["weight_decay_rate"] > 0 and _positive(g.get("weight_decay")) for g in groups):
+        coupled = "weight_decay" in opt.defaults  # the base decays by itself (torch.optim.Adam's weight_decay)
+        if coupled and any(g["weight_decay_rate"] > 0 and _positive(g.get("weight_decay")) for g in groups):
             warnings.warn(
                 "the base optimizer has its own weight_decay > 0 and extend_with_weight_decay adds decoupled decay: "
                 "the parameters are decayed twice",
@@ -300,7 +301,7 @@ def _rebuild_class(recipe: Any) -> type:
 def _rebuild_instance(recipe: Any) -> DerivationHost:
     """Unpickling: the derived class from its recipe, and an empty instance that ``__setstate__`` fills."""
     cls = _rebuild_class(recipe)
-    return cls.__new__(cls)  # type: ignore[no-any-return]
+    return cls.__new__(cls)
 
 
 def _reduce_derived(self: DerivationHost, protocol: int) -> Any:
