@@ -514,3 +514,41 @@ def test_layer_adaptation_over_a_torch_base_takes_complex_parameters() -> None:
     kwargs = dict(lr=0.1, weight_decay_rate=0.1)
     got, want = _complex_run(cls, kwargs), _complex_run(cls, kwargs, real_pairs=True)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------- torch-style groups
+
+
+def _torch_style_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    return [{"params": [model[0].weight], "weight_decay": 0.1}, {"params": [model[0].bias], "weight_decay": 0.0}]
+
+
+def test_torch_style_weight_decay_groups_decay_as_torch_adamw(float64_default: Any) -> None:
+    results = []
+    for cls, kwargs in ((danlu.AdamW, dict(eps=1e-8)), (torch.optim.AdamW, {})):
+        model = _model()
+        opt = cls(_torch_style_groups(model), lr=0.01, **kwargs)
+        extra = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        opt.add_param_group({"params": [extra], "weight_decay": 0.5})
+        extra.grad = torch.zeros(2, dtype=torch.float64)
+        _train(model, opt, range(3))
+        results.append([*_params(model)[:2], extra.detach()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_group_with_both_decay_keys_is_refused() -> None:
+    model = _model()
+    groups = [{"params": [model[0].weight], "weight_decay": 0.1, "weight_decay_rate": 0.2}]
+    with pytest.raises(ValueError) as info:
+        danlu.AdamW(groups, lr=0.01)
+    assert str(info.value) == (
+        "param group 0 sets both weight_decay=0.1 (torch's name) and weight_decay_rate=0.2: give one of them"
+    )
+
+
+def test_a_torch_base_keeps_its_own_weight_decay_and_warns_of_double_decay() -> None:
+    model = _model()
+    with pytest.warns(UserWarning, match="decayed twice"):
+        opt = danlu.extend_with_weight_decay(torch.optim.Adam)(_torch_style_groups(model), lr=0.01)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]

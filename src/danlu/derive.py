@@ -213,7 +213,7 @@ def extend_with(base: type, derivation: Derivation, name: str | None = None) -> 
 
     The class's ``__module__`` is the calling module (as for ``collections.namedtuple``): bound
     there to a module-level name equal to its ``__name__``, the class pickles by reference. Its
-    instances pickle whole in any case (see :func:`_reduce_derived`).
+    instances pickle whole in any case: unpickling rebuilds the class from its base, derivation and name.
 
     Example:
         >>> import torch, danlu
@@ -265,9 +265,6 @@ def _extend(base: type, derivation: Derivation, name: str | None, module: str) -
 # --------------------------------------------------------------------------------------- pickling
 _REBUILT: weakref.WeakValueDictionary[tuple[Any, ...], type] = weakref.WeakValueDictionary()
 """Derived classes by (parent, derivation type, name, module): a rebuilt class is the live one if there is one."""
-
-_Recipe = tuple[Any, Derivation, "str | None", str]
-
 
 def _by_reference(cls: type) -> bool:
     """Whether pickle can find ``cls`` by its module and name (a ``__main__`` class does not count)."""
