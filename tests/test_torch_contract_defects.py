@@ -552,3 +552,18 @@ def test_a_torch_base_keeps_its_own_weight_decay_and_warns_of_double_decay() -> 
     with pytest.warns(UserWarning, match="decayed twice"):
         opt = danlu.extend_with_weight_decay(torch.optim.Adam)(_torch_style_groups(model), lr=0.01)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("cls", [danlu.Adam, danlu.AdamW, danlu.Lion], ids=["Adam", "AdamW", "Lion"])
+def test_complex_parameter_equals_torch_view_as_real_pairs(cls: type) -> None:
+    torch.manual_seed(0)
+    z0 = torch.randn(3, 2, dtype=torch.complex128)
+    grads = [torch.randn(3, 2, dtype=torch.complex128) for _ in range(4)]
+    z, pairs = torch.nn.Parameter(z0.clone()), torch.nn.Parameter(torch.view_as_real(z0).clone())
+    opt, pair_opt = cls([z], lr=0.1, foreach=False), cls([pairs], lr=0.1, foreach=False)
+    for grad in grads:
+        z.grad, pairs.grad = grad.clone(), torch.view_as_real(grad).clone()
+        opt.step()
+        pair_opt.step()
+    assert torch.equal(torch.view_as_real(z.detach()), pairs.detach())
+    assert torch.equal(torch.view_as_real(opt.state[z]["exp_avg"]), pair_opt.state[pairs]["exp_avg"])
