@@ -127,6 +127,10 @@ class ForeignHost(DerivationHost):
         torch._foreach_add_(params, olds)
 
 
+_HOOK_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+"""The code of torch's hook wrapper: a ``step`` with this code is torch's wrapper, whatever else wraps it."""
+
+
 def _unhooked_base_step(cls: type) -> Callable[..., Any]:
     """The base optimizer's ``step`` without torch's hook wrapper.
 
@@ -139,7 +143,7 @@ def _unhooked_base_step(cls: type) -> Callable[..., Any]:
     for klass in mro[mro.index(DerivationHost) + 1 :]:
         step = klass.__dict__.get("step")
         if step is not None:
-            while getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+            while getattr(step, "__code__", None) is _HOOK_WRAPPER_CODE:
                 step = step.__wrapped__
             return step
     raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
