@@ -127,6 +127,13 @@ ADAMW_KEYWORDS = (
             "stochastic_rounding, steps_per_slow_update, slow_step_size",
         ),
         (
+            "adam",
+            {"ema_momentum": 0.9},
+            "create_optimizer('adam'): unexpected keyword argument 'ema_momentum'; it belongs to the 'ema' derivation: "
+            "add '+ema' to the spec. Valid keyword arguments for 'adam': "
+            "lr, betas, eps, bias_correction, foreach, state_dtype, stochastic_rounding",
+        ),
+        (
             "torch.SGD",
             {"lr": 0.1, "weight_decay_rate": 0.1},
             "create_optimizer('torch.SGD'): unexpected keyword argument 'weight_decay_rate'; 'torch.SGD' takes torch's "

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from danlu import derive
-from danlu.derivations import WeightDecay
+from danlu.derivations import ALL_DERIVATIONS, WeightDecay
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
@@ -230,6 +230,12 @@ _TORCH_STYLE_HINTS: dict[str, str] = {
 """Keyword names of torch.optim, transformers and timm that have a danlu equivalent under another name."""
 
 
+_DERIVATION_OF_KEYWORD: dict[str, str] = {
+    key: _ALIASES.get(d.name, d.name) for d in ALL_DERIVATIONS for key in d.defaults
+}
+"""The spec name of the derivation that takes each derivation keyword."""
+
+
 def _valid_keywords(cls: type) -> tuple[str, ...] | None:
     """The keyword arguments ``cls`` takes after ``params`` (None when its root takes ``**kwargs``)."""
     root = getattr(cls, "_danlu_root", cls)
@@ -260,6 +266,9 @@ def _check_keywords(spec: str, cls: type, hyperparameters: dict[str, Any]) -> No
             message += f"; danlu calls it {hint!r}"
         elif key == "weight_decay_rate" and "weight_decay" in valid:
             message += f"; {spec!r} takes torch's 'weight_decay' (add '+weight_decay' for danlu's decoupled decay)"
+        elif key in _DERIVATION_OF_KEYWORD:
+            derivation = _DERIVATION_OF_KEYWORD[key]
+            message += f"; it belongs to the {derivation!r} derivation: add '+{derivation}' to the spec"
         elif key == "weight_decay":
             message += f"; {spec!r} has no weight decay: use 'adamw' or add '+weight_decay', then pass weight_decay_rate"
         raise TypeError(f"{message}. Valid keyword arguments for {spec!r}: {', '.join(valid)}")
