@@ -24,6 +24,11 @@ Things to know:
   schedule into it (see the scheduler guide).
 * Checkpoints: ``Trainer`` saves ``optimizer.state_dict()``, which carries the EMA weights, Lookahead
   slow weights and every counter, so ``train(resume_from_checkpoint=...)`` resumes exactly.
+* Exporting the EMA weights: ``with ema_weights(trainer.optimizer): trainer.save_model(directory)``.
+  With ``load_best_model_at_end``, :class:`EMATrainer` ends with the EMA weights of the best checkpoint.
+* ``Trainer(optimizer_cls_and_kwargs=(danlu.AdamW, {...}))`` builds groups with torch's
+  ``weight_decay`` key; danlu reads it as the group's ``weight_decay_rate`` (see
+  :func:`danlu.derivations.weight_decay.adopt_torch_weight_decay`).
 """
 
 from __future__ import annotations
