@@ -574,3 +574,12 @@ def test_complex_parameter_equals_torch_view_as_real_pairs(cls: type) -> None:
         pair_opt.step()
     assert torch.equal(torch.view_as_real(z.detach()), pairs.detach())
     assert torch.equal(torch.view_as_real(opt.state[z]["exp_avg"]), pair_opt.state[pairs]["exp_avg"])
+
+
+@pytest.mark.parametrize("mode", [dict(global_clipnorm=0.5), dict(clipnorm=0.5), dict(clipvalue=0.3)], ids=str)
+@pytest.mark.parametrize("base", [danlu.Adam, torch.optim.Adam], ids=["danlu.Adam", "torch.optim.Adam"])
+def test_gradient_clipping_of_a_complex_parameter_equals_its_real_pairs(mode: dict[str, float], base: type) -> None:
+    cls = danlu.extend_with_gradient_clipping(base)
+    kwargs = {"lr": 0.1, "foreach": False, **mode}
+    got, want = _complex_run(cls, kwargs), _complex_run(cls, kwargs, real_pairs=True)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
