@@ -27,6 +27,7 @@ from danlu._distributed import all_zero
 from danlu._params import normalize_group
 from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
+from danlu.derivations.weight_decay import adopt_torch_weight_decay
 
 __all__ = ["DerivationHost"]
 
@@ -40,6 +41,7 @@ class DerivationHost(torch.optim.Optimizer):
     # ---------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = normalize_group(param_group, "param_group")
+        adopt_torch_weight_decay(self, group)
         for key, default in self.defaults.items():
             if default is not required:
                 group.setdefault(key, copy.deepcopy(default))
