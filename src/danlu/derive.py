@@ -9,11 +9,12 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -98,18 +99,13 @@ class ForeignHost(DerivationHost):
         Many optimizers initialize a parameter's state when ``len(state) == 0``; the derivations'
         namespaced entries are set aside for the call and put back after it.
         """
-        keys = tuple(dict.fromkeys(key for d in self._danlu_derivations for key in d.state_keys))  # one order on every process
-        hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        if keys:
-            for state in self.state.values():
-                entries = {k: state.pop(k) for k in keys if k in state}
-                if entries:
-                    hidden.append((state, entries))
-        try:
+        with _derivation_state_hidden(self, self.state.values()):
             _unhooked_base_step(type(self))(self)
-        finally:
-            for state, entries in hidden:
-                state.update(entries)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ of Adam and friends reads state["step"] of every non-empty entry (deepcopy, pickle)
+        with _derivation_state_hidden(self, state.get("state", {}).values()):
+            super().__setstate__(state)
 
     def _snapshot(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         names = self._names(group)
@@ -152,6 +148,23 @@ def _unhooked_base_step(cls: type) -> Callable[..., Any]:
                 step = step.__wrapped__
             return step
     raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
+
+
+@contextlib.contextmanager
+def _derivation_state_hidden(host: DerivationHost, states: Iterable[dict[str, Any]]) -> Iterator[None]:
+    """Set the derivations' namespaced entries of ``states`` aside for the block, and put them back after it."""
+    keys = tuple(dict.fromkeys(key for d in host._danlu_derivations for key in d.state_keys))  # one order on every process
+    hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    if keys:
+        for state in states:
+            entries = {k: state.pop(k) for k in keys if k in state}
+            if entries:
+                hidden.append((state, entries))
+    try:
+        yield
+    finally:
+        for state, entries in hidden:
+            state.update(entries)
 
 
 def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
