@@ -12,6 +12,7 @@ from danlu.derive import (
     extend_with_lookahead,
     extend_with_parameter_wise_lr,
     extend_with_piecewise_linear_lr,
+    extend_with_schedule_free,
     extend_with_skip_nonfinite,
     extend_with_weight_decay,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
+    "extend_with_schedule_free",
     "create_optimizer",
     "distributed",
 ]

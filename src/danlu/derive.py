@@ -29,6 +29,7 @@ from danlu.derivations import (
     Lookahead,
     ParameterWiseLR,
     PiecewiseLinearLR,
+    ScheduleFree,
     SkipNonfinite,
     WeightDecay,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
+    "extend_with_schedule_free",
 ]
 
 
@@ -372,4 +374,22 @@ assert {d.name for d in ALL_DERIVATIONS} == {
     ExponentialMovingAverage.name,
     ParameterWiseLR.name,
     SkipNonfinite.name,
+    ScheduleFree.name,
 }
+
+
+def extend_with_schedule_free(BaseOptimizer: type, name: str | None = None) -> type:
+    """Make the base schedule-free (Defazio et al., 2024): it steps z, the parameters hold y, ``eval()`` puts in x.
+
+    Keyword arguments: ``schedule_free_momentum=0.9``, ``weight_lr_power=2.0``, ``average_power=0.0``.
+    Methods: ``train()``, ``eval()``. See :class:`danlu.derivations.ScheduleFree`.
+
+    Example:
+        >>> import torch, danlu
+        >>> SFAdamW = danlu.extend_with_schedule_free(torch.optim.AdamW)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SFAdamW(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        >>> opt.eval()    # evaluate or save with the averaged weights
+        >>> opt.train()   # back to training
+    """
+    return extend_with(BaseOptimizer, ScheduleFree(), name)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from danlu import derive
 from danlu.derivations import WeightDecay
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
 __all__ = ["create_optimizer", "parse_spec", "OPTIMIZER_NAMES", "DERIVATION_NAMES", "no_decay_names"]
@@ -47,6 +47,7 @@ _OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "lamb": (Lamb, {}),
     "lazyadam": (LazyAdam, {}),
     "ranger": (Ranger, {}),
+    "muon": (Muon, {}),
 }
 
 _DERIVATIONS: dict[str, Callable[[type], type]] = {
@@ -59,6 +60,7 @@ _DERIVATIONS: dict[str, Callable[[type], type]] = {
     "ema": derive.extend_with_exponential_moving_average,
     "paramwise_lr": derive.extend_with_parameter_wise_lr,
     "skip_nonfinite": derive.extend_with_skip_nonfinite,
+    "schedule_free": derive.extend_with_schedule_free,
 }
 
 _ALIASES = {
@@ -76,6 +78,8 @@ _ALIASES = {
     "parameter_wise_lr": "paramwise_lr",
     "nonfinite": "skip_nonfinite",
     "skip_nan": "skip_nonfinite",
+    "schedulefree": "schedule_free",
+    "sf": "schedule_free",
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)

@@ -8,6 +8,7 @@ from danlu.derivations.lazy_optimization import LazyOptimization
 from danlu.derivations.lookahead import Lookahead
 from danlu.derivations.parameter_wise_lr import ParameterWiseLR
 from danlu.derivations.piecewise_linear_lr import PiecewiseLinearLR
+from danlu.derivations.schedule_free import ScheduleFree
 from danlu.derivations.skip_nonfinite import SkipNonfinite
 from danlu.derivations.weight_decay import WeightDecay
 
@@ -20,6 +21,7 @@ ALL_DERIVATIONS: tuple[Derivation, ...] = (
     LazyOptimization(),
     ExponentialMovingAverage(),
     ParameterWiseLR(),
+    ScheduleFree(),
     SkipNonfinite(),
 )
 """One instance of every derivation, in the order of the contract's table (then danlu's additions)."""
@@ -35,5 +37,6 @@ __all__ = [
     "LazyOptimization",
     "ExponentialMovingAverage",
     "ParameterWiseLR",
+    "ScheduleFree",
     "SkipNonfinite",
 ]
