@@ -314,3 +314,39 @@ def test_bfloat16_parameters_keep_float32_state() -> None:
     dtypes = {k: v.dtype for _, p in named for k, v in opt.state[p].items() if k != "step"}
     assert set(dtypes.values()) == {torch.float32}
     assert all(p.dtype == torch.bfloat16 and bool(torch.isfinite(p).all()) for _, p in named)
+
+
+# ------------------------------------------------------------------ create_optimizer
+class TinyLM(torch.nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(11, 4)
+        self.block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+        self.decoder = torch.nn.Linear(4, 11)
+        if tied:
+            self.decoder.weight = self.tok.weight
+        self.classifier = torch.nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_create_optimizer_sends_embeddings_and_output_layers_to_adam(tied: bool) -> None:
+    model = TinyLM(tied)
+    opt = danlu.create_optimizer(model, "muon", lr=0.02)
+    x = torch.tensor([[1, 2, 3]])
+    (model.classifier(model.block(model.tok(x))).sum() + model.decoder(model.tok(x)).sum()).backward()
+    opt.step()
+    roles = {n: "adam" if "exp_avg" in opt.state[p] else "muon" for n, p in model.named_parameters()}
+    adam_matrices = {n for n, r in roles.items() if r == "adam" and dict(model.named_parameters())[n].dim() == 2}
+    assert adam_matrices == {"tok.weight", "classifier.weight"}  # tied: the decoder's weight is tok.weight
+    assert roles["block.0.weight"] == roles["block.2.weight"] == "muon"
+    if not tied:
+        assert roles["decoder.weight"] == "muon"  # an untied Linear named neither head nor classifier
+
+
+def test_create_optimizer_respects_a_given_exclude_from_muon() -> None:
+    model = TinyLM(tied=False)
+    opt = danlu.create_optimizer(model, "muon+weight_decay", lr=0.02, exclude_from_muon=())
+    assert opt.param_groups[0]["exclude_from_muon"] == ()
+    named = [("embeddings.word.weight", model.tok.weight), *[(n, p) for n, p in model.named_parameters() if n != "tok.weight"]]
+    opt = danlu.create_optimizer(named, "muon", lr=0.02)  # bare pairs: judged by their names
+    assert set(opt.param_groups[0]["exclude_from_muon"]) == {r"^embeddings\.word\.weight$", r"^classifier\.weight$"}
