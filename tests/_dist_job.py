@@ -116,6 +116,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "lazyadam+weight_decay+layer_adaptation": ("lazyadam+weight_decay+layer_adaptation", dict(lr=0.01)),
     "lion+layer_adaptation+warmup": ("lion+layer_adaptation+warmup", dict(lr=0.01, lr_schedule={0: 0.5, 3: 1.0})),
+    "muon": ("muon", dict(lr=0.02, ns_dtype=torch.float32)),
+    "muon+weight_decay": ("muon+weight_decay", dict(lr=0.02, weight_decay_rate=0.1, ns_dtype=torch.float32)),
+    "muon+accum+lookahead+ema": (
+        "muon+gradient_accumulation+lookahead+ema",
+        dict(lr=0.02, ns_dtype=torch.float32, adjust_lr_fn="match_rms_adamw", grad_accum_steps=2, steps_per_slow_update=2),
+    ),
+    "adam+schedule_free": ("adam+schedule_free", dict(lr=0.01, schedule_free_momentum=0.8, average_power=0.5)),
+    "torch.Adam+schedule_free": ("torch.Adam+schedule_free", dict(lr=0.01)),
     "adamw+everything": (
         "adamw+lazy+paramwise_lr+piecewise_linear_lr+gradient_accumulation+lookahead+ema+skip_nonfinite",
         dict(

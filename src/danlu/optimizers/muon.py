@@ -291,7 +291,7 @@ class Muon(DanluOptimizer):
 
     def _orthogonalize(self, group: Mapping[str, Any], p: Tensor, update: Tensor) -> Tensor:
         """NS of one tensor's update flattened to a matrix (the whole matrix of a sharded one), shaped like ``p``."""
-        whole = update.full_tensor() if is_dtensor(update) else update
+        whole = _whole(update, group["ns_dtype"])
         ortho = newton_schulz(
             whole.reshape(_matrix_shape(p)), group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_dtype"]
         ).reshape(p.shape)
@@ -330,7 +330,7 @@ class Muon(DanluOptimizer):
             dtype = compute_dtype(p, group.get("state_dtype"))
             grad = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
             update = _nesterov_update(group, state, grad)
-            whole = update.full_tensor() if is_dtensor(update) else update
+            whole = _whole(update, group["ns_dtype"])
             entries.append((p, update, whole.reshape(_matrix_shape(p))))
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, _, matrix) in enumerate(entries):
@@ -356,6 +356,11 @@ def _nesterov_update(group: Mapping[str, Any], state: dict[str, Any], grad: Tens
     buf = state["momentum_buffer"]
     buf.lerp_(grad, 1 - momentum)
     return grad.lerp(buf, momentum) if group["nesterov"] else buf
+
+
+def _whole(update: Tensor, dtype: torch.dtype) -> Tensor:
+    """The whole matrix of a sharded update (gathered in the Newton-Schulz dtype: half the bytes in bfloat16), else the update."""
+    return update.to(dtype).full_tensor() if is_dtensor(update) else update
 
 
 def _shard_like(whole: Tensor, ref: Tensor) -> Tensor:
