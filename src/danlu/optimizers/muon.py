@@ -360,7 +360,10 @@ def _nesterov_update(group: Mapping[str, Any], state: dict[str, Any], grad: Tens
 
 def _whole(update: Tensor, dtype: torch.dtype) -> Tensor:
     """The whole matrix of a sharded update (gathered in the Newton-Schulz dtype: half the bytes in bfloat16), else the update."""
-    return update.to(dtype).full_tensor() if is_dtensor(update) else update
+    if not is_dtensor(update):
+        return update
+    converted = update.to(dtype)
+    return converted.full_tensor() if is_dtensor(converted) else converted
 
 
 def _shard_like(whole: Tensor, ref: Tensor) -> Tensor:
