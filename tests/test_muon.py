@@ -350,3 +350,59 @@ def test_create_optimizer_respects_a_given_exclude_from_muon() -> None:
     named = [("embeddings.word.weight", model.tok.weight), *[(n, p) for n, p in model.named_parameters() if n != "tok.weight"]]
     opt = danlu.create_optimizer(named, "muon", lr=0.02)  # bare pairs: judged by their names
     assert set(opt.param_groups[0]["exclude_from_muon"]) == {r"^embeddings\.word\.weight$", r"^classifier\.weight$"}
+
+
+# ------------------------------------------------------------------ derivations compose
+def trajectory(
+    opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]], grads: list[list[torch.Tensor]]
+) -> list[torch.Tensor]:
+    run(opt, named, grads)
+    return [p.detach().clone() for _, p in named]
+
+
+EXACT: dict[str, Any] = dict(ns_dtype=torch.float64, exclude_from_muon=["emb"])
+
+
+def test_accumulation_steps_muon_with_the_mean_gradient() -> None:
+    grads = grad_sequence(hybrid_model(), 6)
+    accumulated = hybrid_model()
+    got = trajectory(
+        danlu.create_optimizer(accumulated, "muon+gradient_accumulation", lr=0.02, grad_accum_steps=3, **EXACT),
+        accumulated,
+        grads,
+    )
+    means = [[sum(step[i] for step in grads[k : k + 3]) / 3 for i in range(len(grads[0]))] for k in (0, 3)]
+    plain = hybrid_model()
+    want = trajectory(danlu.Muon(plain, lr=0.02, **EXACT), plain, means)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_piecewise_and_parameter_wise_lr_scale_the_muon_and_adam_updates() -> None:
+    grads = grad_sequence(hybrid_model(), 4)
+    scaled = hybrid_model()
+    spec = "muon+piecewise_linear_lr+paramwise_lr"
+    kwargs = dict(lr=0.02, lr_schedule={0: 0.5}, paramwise_lr_schedule={"hidden": 0.3}, **EXACT)
+    got = trajectory(danlu.create_optimizer(scaled, spec, **kwargs), scaled, grads)
+    plain = hybrid_model()
+    groups = [
+        {"params": [(n, p) for n, p in plain if n.startswith("hidden")], "lr": 0.02 * 0.5 * 0.3},
+        {"params": [(n, p) for n, p in plain if not n.startswith("hidden")], "lr": 0.02 * 0.5},
+    ]
+    opt = danlu.Muon(groups, **EXACT)
+    run(opt, plain, grads)
+    for (n, _), a in zip(scaled, got):
+        torch.testing.assert_close(a, dict(plain)[n].detach(), rtol=1e-13, atol=1e-13)
+
+
+def test_skip_nonfinite_drops_the_call() -> None:
+    grads = grad_sequence(hybrid_model(), 4)
+    bad = [g.clone() for g in grads[1]]
+    bad[1][0, 0] = math.nan
+    skipping = hybrid_model()
+    got = trajectory(
+        danlu.create_optimizer(skipping, "muon+skip_nonfinite", lr=0.02, **EXACT), skipping, [grads[0], bad, *grads[2:]]
+    )
+    plain = hybrid_model()
+    want = trajectory(danlu.Muon(plain, lr=0.02, **EXACT), plain, [grads[0], *grads[2:]])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

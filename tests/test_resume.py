@@ -20,6 +20,7 @@ BASES = {
     "danlu.Adam": (danlu.Adam, dict(lr=0.02)),
     "danlu.Adafactor": (danlu.Adafactor, dict(lr=None, beta1=0.9, min_dim_size_to_factor=4)),
     "torch.optim.AdamW": (torch.optim.AdamW, dict(lr=0.02, weight_decay=0.0)),
+    "danlu.Muon": (danlu.Muon, dict(lr=0.02, exclude_from_muon=["embeddings"])),
 }
 
 

@@ -58,6 +58,25 @@ BAD_CONSTRUCTOR_ARGS: list[tuple[type, dict[str, Any], type, str]] = [
     (danlu.Adafactor, dict(multiply_by_parameter_scale=None), TypeError, "multiply_by_parameter_scale"),
     (danlu.Adafactor, dict(exclude_from_parameter_scale=["("]), ValueError, "exclude_from_parameter_scale"),
     (danlu.LazyAdam, dict(lr=-1.0), ValueError, "lr"),
+    (danlu.Muon, dict(lr=-1.0), ValueError, "lr"),
+    (danlu.Muon, dict(momentum=1.0), ValueError, "momentum"),
+    (danlu.Muon, dict(momentum=-0.1), ValueError, "momentum"),
+    (danlu.Muon, dict(nesterov=1), TypeError, "nesterov"),
+    (danlu.Muon, dict(ns_coefficients=(1.0, 2.0)), ValueError, "ns_coefficients"),
+    (danlu.Muon, dict(ns_coefficients=(1.0, math.nan, 2.0)), ValueError, "ns_coefficients[1]"),
+    (danlu.Muon, dict(ns_coefficients="abc"), TypeError, "ns_coefficients"),
+    (danlu.Muon, dict(ns_steps=0), ValueError, "ns_steps"),
+    (danlu.Muon, dict(ns_steps=100), ValueError, "ns_steps"),
+    (danlu.Muon, dict(ns_steps=5.0), TypeError, "ns_steps"),
+    (danlu.Muon, dict(eps=-1e-7), ValueError, "eps"),
+    (danlu.Muon, dict(adjust_lr_fn="spectral"), ValueError, "adjust_lr_fn"),
+    (danlu.Muon, dict(ns_dtype=torch.int32), ValueError, "ns_dtype"),
+    (danlu.Muon, dict(ns_dtype="bfloat16"), TypeError, "ns_dtype"),
+    (danlu.Muon, dict(adam_betas=(0.9, 1.0)), ValueError, "adam_betas[1]"),
+    (danlu.Muon, dict(adam_betas=0.9), TypeError, "adam_betas"),
+    (danlu.Muon, dict(adam_eps=-1e-8), ValueError, "adam_eps"),
+    (danlu.Muon, dict(exclude_from_muon=["("]), ValueError, "exclude_from_muon"),
+    (danlu.Muon, dict(exclude_from_muon=[3]), TypeError, "exclude_from_muon"),
 ]
 
 BAD_DERIVATION_ARGS: list[tuple[str, dict[str, Any], type, str]] = [
@@ -83,6 +102,12 @@ BAD_DERIVATION_ARGS: list[tuple[str, dict[str, Any], type, str]] = [
     ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={"dense": -2.0}), ValueError, "paramwise_lr_schedule"),
     ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={"dense": math.nan}), ValueError, "paramwise_lr_schedule"),
     ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={1: 2.0}), TypeError, "paramwise_lr_schedule"),
+    ("extend_with_schedule_free", dict(schedule_free_momentum=1.0), ValueError, "schedule_free_momentum"),
+    ("extend_with_schedule_free", dict(schedule_free_momentum=-0.5), ValueError, "schedule_free_momentum"),
+    ("extend_with_schedule_free", dict(weight_lr_power=-1.0), ValueError, "weight_lr_power"),
+    ("extend_with_schedule_free", dict(weight_lr_power=math.inf), ValueError, "weight_lr_power"),
+    ("extend_with_schedule_free", dict(average_power=math.nan), ValueError, "average_power"),
+    ("extend_with_schedule_free", dict(average_power="1"), TypeError, "average_power"),
 ]
 
 
