@@ -463,10 +463,37 @@ def fsdp_bf16(rank: int, world: int, stochastic: bool) -> dict[str, Any]:
     return {
         "max_abs_diff": max(diffs),
         "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-        "state_dtypes": sorted({str(v.dtype) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0}),
-        "state_is_dtensor": all(is_dtensor(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0),
+        "state_dtypes": sorted(
+            {str(v.dtype) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        ),
+        "state_is_dtensor": all(
+            is_dtensor(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+        ),
         "finite": all(bool(torch.isfinite(full(p)).all()) for p in model.parameters()),
     }
+
+
+def fsdp_muon_spread(rank: int, world: int) -> dict[str, Any]:
+    """Under FSDP2 each Muon matrix is orthogonalized by one process: count the matrices each process does."""
+    from danlu.optimizers import muon
+
+    counted: list[int] = []
+    original = muon.newton_schulz
+
+    def counting(update: torch.Tensor, *args: Any) -> torch.Tensor:
+        counted.append(update.shape[0] if update.dim() == 3 else 1)
+        return original(update, *args)
+
+    muon.newton_schulz = counting  # type: ignore[assignment]
+    try:
+        result = equivalence("fsdp", "muon", dict(lr=0.02, ns_dtype=torch.float32), rank, world)
+    finally:
+        muon.newton_schulz = original
+    matrices = sum(1 for p in make_net().parameters() if p.dim() >= 2) - 1  # the embedding takes Adam
+    # the reference run (one process, plain tensors) orthogonalizes every matrix of every step here too
+    result["matrices_per_step"] = matrices
+    result["distributed_matrices_this_rank"] = sum(counted) - matrices * STEPS
+    return result
 
 
 def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]]:
@@ -477,6 +504,7 @@ def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]
     table.append(("ddp_accumulation", lambda: ddp_accumulation(rank, world)))
     table.append(("ddp_skip_nonfinite_local", lambda: ddp_skip_nonfinite_local(rank, world)))
     table.append(("fsdp_skip_nonfinite_one_shard", lambda: fsdp_skip_nonfinite_one_shard(rank, world)))
+    table.append(("fsdp_muon_spread", lambda: fsdp_muon_spread(rank, world)))
     table.append(("fsdp_bf16", lambda: fsdp_bf16(rank, world, stochastic=False)))
     table.append(("fsdp_bf16_stochastic_rounding", lambda: fsdp_bf16(rank, world, stochastic=True)))
     for name in DCP_SPECS:

@@ -92,8 +92,9 @@ def test_reference_loop_equals_torch_muon_in_bfloat16(nesterov: bool, adjust: st
             torch.testing.assert_close(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], rtol=0, atol=0)
 
 
-def test_batched_default_equals_torch_muon_to_bfloat16_accuracy() -> None:
+def test_batched_default_equals_torch_muon_to_bfloat16_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched bmm chain rounds its bf16 products in another order than torch's mm: the same to bf16 accuracy."""
+    monkeypatch.setattr(danlu.optimizers.muon, "BATCH_ON_CPU", True)
     named = [(n, p) for n, p in matrices() if p.dim() == 2]
     theirs = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
     start = [p.detach().clone() for _, p in named]
@@ -108,8 +109,11 @@ def test_batched_default_equals_torch_muon_to_bfloat16_accuracy() -> None:
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
-def test_float64_newton_schulz_equals_the_restated_algorithm(foreach: bool | None, nesterov: bool, adjust: str | None) -> None:
+def test_float64_newton_schulz_equals_the_restated_algorithm(
+    foreach: bool | None, nesterov: bool, adjust: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ns_dtype=float64 on float64 parameters: matrices, a flattened 3-D tensor, both orientations, to 1e-12."""
+    monkeypatch.setattr(danlu.optimizers.muon, "BATCH_ON_CPU", True)
     named = matrices(torch.float64)
     grads = grad_sequence(named, 5)
     expected = muon64(named, grads, lr=0.03, momentum=0.9, nesterov=nesterov, adjust=adjust)
@@ -130,7 +134,9 @@ def test_float32_newton_schulz_is_within_float32_of_float64() -> None:
         torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=2e-6)
 
 
-def test_batched_and_reference_loop_agree_in_float64() -> None:
+@pytest.mark.parametrize("batch_on_cpu", [True, False])
+def test_batched_and_reference_loop_agree_in_float64(batch_on_cpu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(danlu.optimizers.muon, "BATCH_ON_CPU", batch_on_cpu)
     a, b = matrices(torch.float64), matrices(torch.float64)
     grads = grad_sequence(a, 4)
     run(danlu.Muon(a, lr=0.02, ns_dtype=torch.float64), a, grads)
