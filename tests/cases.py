@@ -25,6 +25,7 @@ OPTIMIZER_CASES: list[tuple[str, type, dict[str, Any]]] = [
     ("adafactor_relstep_b1", danlu.Adafactor, dict(lr=None, beta1=0.9, beta2=0.99, min_dim_size_to_factor=4)),
     ("lion", danlu.Lion, dict(lr=0.01)),
     ("lazyadam", danlu.LazyAdam, dict(lr=0.01)),
+    ("muon", danlu.Muon, dict(lr=0.02, ns_dtype=torch.float64)),
 ]
 
 SHAPES: dict[str, tuple[int, ...]] = {
