@@ -273,7 +273,7 @@ class Muon(DanluOptimizer):
         beta1, beta2 = group["adam_betas"]
         exp_avg, exp_avg_sq = update_moments(state, grad, (beta1, beta2))
         denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["adam_eps"])
-        return exp_avg.div(denom).mul_(-lr / (1 - beta1**step))
+        return _divide_into(exp_avg, denom).mul_(-lr / (1 - beta1**step))
 
     def _adam_foreach(
         self, group: Mapping[str, Any], grads: list[Tensor], states: list[dict[str, Any]], lrs: list[float], steps: list[float]
@@ -283,9 +283,9 @@ class Muon(DanluOptimizer):
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
         torch._foreach_add_(denom, group["adam_eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
+        updates = [_divide_into(m, d) for m, d in zip(exp_avgs, denom)]
         torch._foreach_mul_(updates, [-lr / (1 - beta1**t) for lr, t in zip(lrs, steps)])
-        return list(updates)
+        return updates
 
     def _scaled(self, group: Mapping[str, Any], p: Tensor, ortho: Tensor, dtype: torch.dtype, lr: float) -> Tensor:
         """``-lr * ratio * O`` in the compute dtype, shaped like ``p``."""
@@ -444,6 +444,13 @@ def _spread_newton_schulz(group: Mapping[str, Any], entries: list[tuple[Tensor, 
                 local_ortho, mesh, update.placements, run_check=False, shape=update.shape, stride=update.stride()
             )
     return results
+
+
+def _divide_into(numerator: Tensor, denom: Tensor) -> Tensor:
+    """``numerator / denom`` written into ``denom``: no new parameter-sized tensor (a fresh large one costs page faults)."""
+    if is_dtensor(denom):
+        return denom.reciprocal_().mul_(numerator)
+    return torch.div(numerator, denom, out=denom)
 
 
 def _nesterov_update(group: Mapping[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
