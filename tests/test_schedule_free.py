@@ -269,3 +269,17 @@ def test_validation_names_the_argument() -> None:
     ]:
         with pytest.raises(error, match=f"Invalid {name}"):
             cls(named_params(), lr=0.01, **kwargs)
+
+
+def test_parameters_without_gradients_get_no_state() -> None:
+    params = named_params()
+    opt = danlu.extend_with_schedule_free(danlu.Adam)(params, lr=0.01)
+    frozen = params[0][1]
+    before = frozen.detach().clone()
+    for (_, p), g in zip(params, gradients(params, 1)[0]):
+        p.grad = None if p is frozen else g
+    opt.step()
+    assert frozen not in opt.state and torch.equal(frozen, before)
+    opt.eval()
+    opt.train()
+    assert torch.equal(frozen, before)

@@ -122,7 +122,7 @@ class ScheduleFree(Derivation):
         lr = _as_float(group.get("lr"))
         lr *= math.prod(d.lr_multiplier(group) for d in host._danlu_derivations) * float(group.get("d", 1.0))
         host.__dict__.setdefault(_STEP_LRS, {})[id(group)] = lr
-        tracked = [p for p in params if p.grad is not None or Z in host.state[p]]
+        tracked = [p for p in params if p.grad is not None or Z in host.state.get(p, {})]
         for p in tracked:
             _ensure_state(host, group, p)
         _copy(tracked, [host.state[p][Z] for p in tracked])
