@@ -155,6 +155,10 @@ DCP_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
         "adafactor+gradient_accumulation+ema",
         dict(lr=None, beta1=0.5, min_dim_size_to_factor=4, grad_accum_steps=3, ema_momentum=0.5),
     ),
+    "muon+accum+schedule_free+ema": (
+        "muon+gradient_accumulation+schedule_free+ema",
+        dict(lr=0.02, ns_dtype=torch.float32, grad_accum_steps=2, ema_momentum=0.5),
+    ),
 }
 DCP_SAVE_AT = 3
 DCP_CALLS = 7

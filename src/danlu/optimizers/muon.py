@@ -319,7 +319,7 @@ class Muon(DanluOptimizer):
             return None
         batches: dict[int, dict[int, Tensor]] = self.__dict__.setdefault(_ORTHOGONALIZED, {})
         if id(group) not in batches:
-            batches[id(group)] = self._orthogonalize_group(group)
+            batches[id(group)] = self._orthogonalize_group(group) if _group_pass_pays(group) else {}
         return batches[id(group)].pop(id(p), None)
 
     def _orthogonalize_group(self, group: Mapping[str, Any]) -> dict[int, Tensor]:
@@ -374,6 +374,16 @@ def batched_newton_schulz(group: Mapping[str, Any], matrices: list[Tensor]) -> l
         for row, i in enumerate(members):
             results[i] = ortho[row].mT if matrices[i].size(0) > matrices[i].size(1) else ortho[row]
     return [o for o in results if o is not None]
+
+
+def _group_pass_pays(group: Mapping[str, Any]) -> bool:
+    """Whether the whole-group pass gains anything: batching off the CPU, or spreading sharded matrices.
+
+    On the CPU, without sharding, the matrices are orthogonalized one by one anyway, and doing that
+    in each tensor's own update keeps one orthogonalized matrix alive at a time instead of all of them.
+    """
+    matrices = [p for p in group["params"] if p.grad is not None and p.dim() >= 2]
+    return any(p.device.type != "cpu" or BATCH_ON_CPU or _row_sharded(p) for p in matrices)
 
 
 def _row_sharded(update: Tensor) -> bool:
