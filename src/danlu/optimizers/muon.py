@@ -94,10 +94,10 @@ class Muon(DanluOptimizer):
     tensors another lr with a parameter group. ``extend_with_weight_decay(Muon)`` is torch's decoupled
     decay (:math:`\eta\lambda\theta_{t-1}` with the unadjusted lr).
 
-    With the default ``foreach=None`` the momentum and Newton-Schulz of all the matrices of a group
-    run before its updates are written, on accelerators the matrices of one shape in one batched
-    ``bmm`` chain (the orthogonalized matrices of a group are held in ``ns_dtype`` until they are
-    written);
+    With the default ``foreach=None`` on accelerators, the momentum and Newton-Schulz of all the
+    matrices of a group run before its updates are written, the matrices of one shape in one
+    batched ``bmm`` chain (held in ``ns_dtype`` until written); on the CPU, where that measured
+    no faster, each matrix is orthogonalized in its own update (see :func:`batched_newton_schulz`).
     ``foreach=False`` is the per-tensor reference. Under FSDP2 Newton-Schulz sees whole matrices:
     each is gathered on one process, orthogonalized there, and every process gets its rows of the
     result back (the reference loop gathers each matrix on every process instead).
