@@ -13,11 +13,12 @@ from danlu.derive import (
     extend_with_lookahead,
     extend_with_parameter_wise_lr,
     extend_with_piecewise_linear_lr,
+    extend_with_schedule_free,
     extend_with_skip_nonfinite,
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "RAdam",
     "Adafactor",
     "Lion",
+    "Muon",
     "LazyAdam",
     "AdamW",
     "Lamb",
@@ -59,6 +61,7 @@ __all__ = [
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
     "extend_with_gradient_clipping",
+    "extend_with_schedule_free",
     "create_optimizer",
     "distributed",
 ]

@@ -111,6 +111,49 @@ TRAFFIC: dict[str, float] = {
 }
 
 
+def muon_transfers(shapes: Sequence[tuple[int, ...]], adam_below: int = 2) -> float:
+    """Muon over the matrices (read p, g, buffer; write buffer, p: 5) and Adam over the rest (7), weighted by size.
+
+    The Newton-Schulz products are compute, not traffic: Muon's step time is set by the matmuls, and the
+    efficiency column of a Muon row is far below 1 by nature. Embeddings count as Adam (the bench's Muon
+    sends them there, as ``create_optimizer(model, "muon")`` does).
+    """
+    total = weighted = 0.0
+    for index, shape in enumerate(shapes):
+        n = math.prod(shape)
+        total += n
+        weighted += n * (7 if len(shape) < adam_below or index in _EMBEDDING_INDICES.get(len(shapes), ()) else 5)
+    return weighted / total if total else 0.0
+
+
+_EMBEDDING_INDICES: dict[int, tuple[int, ...]] = {}
+"""{number of tensors of a set: indices of its embedding tensors}, filled by :func:`_muon_split`."""
+
+
+def _muon_split(named: list[tuple[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """(matrices for Newton-Schulz, the rest for Adam): embeddings and tensors below 2-D take Adam."""
+    _EMBEDDING_INDICES[len(named)] = tuple(i for i, (n, _) in enumerate(named) if "embeddings" in n)
+    matrices = [p for n, p in named if p.dim() >= 2 and "embeddings" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embeddings" not in n)]
+    return matrices, rest
+
+
+class _TorchMuonWithAdam:
+    """torch.optim.Muon over the matrices and torch.optim.Adam (foreach) over the rest, stepped together."""
+
+    def __init__(self, named: list[tuple[str, Tensor]]) -> None:
+        matrices, rest = _muon_split(named)
+        self.muon = torch.optim.Muon(matrices, lr=LR, weight_decay=0.0)
+        self.adam = torch.optim.Adam(rest, lr=LR, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        self.param_groups = self.muon.param_groups + self.adam.param_groups
+        self.state = {**self.muon.state, **self.adam.state}
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adam.step()
+        self.state = {**self.muon.state, **self.adam.state}
+
+
 def adafactor_transfers(shapes: Sequence[tuple[int, ...]], min_dim: int = 128, clip: bool = True, scale: bool = True) -> float:
     """Adafactor (beta1 = 0): factored 2-D tensors g+p / g / g+p+p = 6 passes, others 1 + 3 + 4 = 8 (weighted by size)."""
     total = weighted = 0.0
@@ -219,6 +262,7 @@ def danlu_impls() -> list[Impl]:
     pw_adamw = d.extend_with_piecewise_linear_lr(d.AdamW)
     la_ema_adamw = d.extend_with_exponential_moving_average(la_adamw)
     wd_lion = d.extend_with_weight_decay(d.Lion)
+    sf_adamw = d.extend_with_schedule_free(d.AdamW)
     impls = [
         Impl("danlu.Adam", "danlu", "adam", lambda nm: d.Adam(nm, lr=LR), _t(7)),
         Impl("danlu.AdamW", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, weight_decay_rate=0.01), _t(7)),
@@ -253,12 +297,29 @@ def danlu_impls() -> list[Impl]:
         Impl("danlu.Adagrad", "danlu", "adagrad", lambda nm: d.Adagrad(nm, lr=LR), _t(5)),
         Impl("danlu.Adadelta", "danlu", "adadelta", lambda nm: d.Adadelta(nm, lr=LR), _t(7)),
         Impl("danlu.RMSprop", "danlu", "rmsprop", lambda nm: d.RMSprop(nm, lr=LR), _t(5)),
+        Impl("danlu.Muon", "danlu", "muon", lambda nm: d.Muon(nm, lr=LR, exclude_from_muon=["embeddings"]), muon_transfers),
+        Impl(
+            "danlu.ScheduleFree+AdamW",
+            "danlu",
+            "schedule_free+adamw",
+            lambda nm: sf_adamw(nm, lr=LR, weight_decay_rate=0.01),
+            _t(7 + 10),
+            note="base step on z: + copy z in (2), z out (2), x update (3), y out (3)",
+        ),
     ]
     pure = [
         Impl("danlu.AdamW[foreach]", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, foreach=True), _t(7)),
         Impl("danlu.Lamb[foreach]", "danlu", "lamb", lambda nm: d.Lamb(nm, lr=LR, foreach=True), _t(10)),
         Impl(
             "danlu.Adafactor[foreach]", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR, foreach=True), adafactor_transfers
+        ),
+        Impl(
+            "danlu.Muon[single]",
+            "danlu",
+            "muon",
+            lambda nm: d.Muon(nm, lr=LR, exclude_from_muon=["embeddings"], foreach=False),
+            muon_transfers,
+            note="per-tensor Newton-Schulz (no batching)",
         ),
     ]
     return impls + pure
@@ -297,6 +358,17 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
                 "adafactor",
                 lambda nm: o.Adafactor(_plain(nm), lr=LR, foreach=True),
                 adafactor_transfers,
+            )
+        )
+    if hasattr(o, "Muon"):
+        impls.append(
+            Impl(
+                "torch.Muon+Adam",
+                "torch",
+                "muon",
+                _TorchMuonWithAdam,  # type: ignore[arg-type]
+                muon_transfers,
+                note="torch.optim.Muon on the matrices, torch.optim.Adam (foreach) on the rest",
             )
         )
     if compile_peers:

@@ -6,9 +6,10 @@ from danlu.optimizers.adagrad import Adagrad
 from danlu.optimizers.adam import Adam
 from danlu.optimizers.lazy_adam import LazyAdam
 from danlu.optimizers.lion import Lion
+from danlu.optimizers.muon import Muon
 from danlu.optimizers.nadam import NAdam
 from danlu.optimizers.radam import RAdam
 from danlu.optimizers.rmsprop import RMSprop
 from danlu.optimizers.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "LazyAdam"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "LazyAdam", "Muon"]
