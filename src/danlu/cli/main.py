@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -27,6 +27,24 @@ class UserError(Exception):
     """A mistake in the command line, reported as one line without a traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser that reports a mistake as one line (``danlu arena: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed package's version (its metadata); ``unknown`` for a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("danlu")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -36,7 +54,8 @@ def _integer(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``danlu`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="danlu", description="Optimizers and derived optimizers for PyTorch.")
+    parser = OneLineParser(prog="danlu", description="Optimizers and derived optimizers for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"danlu {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     arena = sub.add_parser("arena", help="compare optimizers on a real task and write a report",
                            description="Compare optimizers on a real task, fairly: an lr sweep per optimizer, "
