@@ -4,6 +4,7 @@ from danlu import distributed as distributed  # DDP gradient accumulation with o
 from danlu import grouping as grouping  # timm-style parameter groups, layer-wise lr decay
 from danlu import integrations as integrations  # Trainer / Lightning helpers; imports no framework itself
 from danlu.base import DanluOptimizer
+from danlu.cli.main import version as _installed_version
 from danlu.derive import (
     extend_with_exponential_moving_average,
     extend_with_gradient_accumulation,
@@ -21,18 +22,7 @@ from danlu.factory import create_optimizer
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
-
-def _installed_version() -> str:
-    """The version in the package's metadata; ``unknown`` for a source tree that is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("danlu")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-__version__ = _installed_version()
+__version__ = _installed_version()  # the package's metadata, as `danlu --version` prints it
 del _installed_version
 
 __all__ = [
