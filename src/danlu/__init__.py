@@ -16,7 +16,7 @@ from danlu.derive import (
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, LazyAdam, Lion, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "RAdam",
     "Adafactor",
     "Lion",
+    "Adamax",
     "LazyAdam",
     "AdamW",
     "Lamb",

@@ -33,7 +33,7 @@ import torch
 __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
 _SOURCE = Path(__file__).with_name("_kernels.cpp")
-_ABI = 4
+_ABI = 5
 _lock = threading.Lock()
 _setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
 _background = _setting == "background"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_number
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -61,6 +62,11 @@ class Adagrad(DanluOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         state["sum"] = torch.full_like(p, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.ADAGRAD, lambda group: ("sum",), lambda group, state, lr, step: [-lr, group["eps"]]
+    )
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
