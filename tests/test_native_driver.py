@@ -250,3 +250,41 @@ def test_layer_adaptation_with_accumulation_lookahead_and_ema(base, kw):
     ):
         cls = extend(cls)
     assert _run(cls, calls=8, lr=0.01, grad_accum_steps=2, steps_per_slow_update=2, weight_decay_rate=0.05, **kw) > 0
+
+
+@needs_native
+def test_steady_path_notices_what_changed():
+    """Once a group runs without per-tensor Python, new gradient tensors, a non-contiguous gradient, a
+    replaced state tensor, a parameter given new storage and a changed option are all seen."""
+    fast, ref, a, b = _pair(danlu.AdamW, torch.float64, lr=0.01)
+
+    def step(call: int, *, transposed: bool = False) -> None:
+        gen = torch.Generator().manual_seed(50 + call)
+        for p, q in zip(fast, ref):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if transposed and g.dim() == 2:
+                g = g.t().contiguous().t()  # same values, non-contiguous
+            p.grad, q.grad = g, g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(fast, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+        for p, q in zip(fast, ref):
+            for key in b.state[q]:
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-12)
+
+    for call in range(3):
+        step(call)
+    plan = next(iter(a.__dict__[_fused.PLANS].values()))
+    assert plan.steady is not None
+    step(3, transposed=True)
+    a.state[fast[0]]["exp_avg"] = a.state[fast[0]]["exp_avg"].clone()
+    step(4)
+    with torch.no_grad():
+        fast[1].data = fast[1].data.clone()
+    step(5)
+    a.param_groups[0]["weight_decay_rate"] = 0.3
+    b.param_groups[0]["weight_decay_rate"] = 0.3
+    step(6)
+    a.param_groups[0]["lr"] = b.param_groups[0]["lr"] = 0.002
+    step(7)

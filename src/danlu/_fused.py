@@ -28,8 +28,11 @@ the same, so a step costs a few numpy operations and one kernel call per group.
 from __future__ import annotations
 
 import math
+import operator
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,13 +58,15 @@ from danlu._native_spec import (
 if TYPE_CHECKING:
     from danlu._context import StepContext
 
-__all__ = ["group_step", "defer_mean", "native_kind", "settle_gradients", "advance_steps", "spec_for", "STATS"]
+__all__ = ["group_step", "steady_step", "defer_mean", "native_kind", "settle_gradients", "advance_steps", "spec_for", "STATS"]
 
 STATS = {"native_tensors": 0, "torch_fused_tensors": 0}
 """How many tensor updates the native kernels (and torch's fused Adam) have done in this process."""
 NSLOT, NCOEF = int(Slot.NSLOT), int(Col.NCOEF)
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
+_DTYPE, _LAYOUT, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("layout"), operator.attrgetter("is_cpu")
 _APPLIED_STEPS = "applied_steps"  # the param-group counter of applied steps (danlu.derivations._base)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -257,7 +262,24 @@ def _native_group_step(
     if chosen is None:  # gradients the kernels cannot read this time (dtype, layout): rebuild the rows
         return list(range(len(params)))
     plan.run(ctx, group, params, states, lrs, steps)
+    if not plan.rest and len(params) == len(group["params"]):
+        plan.prepare_steady(group, states)
     return plan.rest
+
+
+def steady_step(opt: Any, ctx: StepContext, group: dict[str, Any], lr_scale: float) -> bool:
+    """The whole step of ``group`` if it is the same as the last one (every tensor native, same tensors).
+
+    Then the step costs a few C-speed passes over the group's lists and one kernel call: no
+    per-tensor Python. Returns False (nothing done) when anything differs; the caller then takes
+    the general route.
+    """
+    plans = opt.__dict__.get(PLANS)
+    plan = plans.get(id(group)) if plans else None
+    if plan is None or plan.steady is None or ctx.replaced or ctx.pending_means or _is_compiling():
+        return False
+    lib = _native.load()
+    return lib is not None and plan.steady_run(lib, opt, ctx, group, lr_scale)
 
 
 def _group_signature(group: dict[str, Any]) -> tuple[Any, ...]:
@@ -342,6 +364,8 @@ class _Plan:
         self.base_coef[:, Col.GRAD_SCALE] = 1.0
         self.base_modes = np.zeros(n, dtype=np.int32)
         self.min_lr = next((f.min_lr for _, f in stack.transforms if isinstance(f, TrustRatio)), 0.0)
+        self.grad_refs: list[weakref.ref[Tensor]] = []
+        self.steady: list[Tensor] | None = None  # the group's tensors once a step took them all (steady_run)
 
     def _tensor(
         self,
@@ -384,20 +408,70 @@ class _Plan:
             checks.append((state, fusion.state_key, t))
         return row, checks, shape, _fold(stack, group, name), is_adapted, columns
 
+    def prepare_steady(self, group: dict[str, Any], states: list[dict[str, Any]]) -> None:
+        """Keep what :meth:`steady_run` checks: the group's tensors, the step counters, every state entry."""
+        counters = [state.get("step") for state in states]
+        if not all(isinstance(t, Tensor) and t.dtype is torch.float32 and t.device.type == "cpu" and t.dim() == 0 for t in counters):
+            return
+        self.steady = list(group["params"])
+        self.states = states
+        self.counters = np.array([t.data_ptr() for t in counters], dtype=np.int64)  # type: ignore[union-attr]
+        entries = [*self.checks, *((state, "step", t) for state, t in zip(states, counters))]
+        self.check_dicts = [e[0] for e in entries]
+        self.check_keys = [e[1] for e in entries]
+        self.check_values = [e[2] for e in entries]
+
+    def steady_run(self, lib: Any, opt: Any, ctx: StepContext, group: dict[str, Any], lr_scale: float) -> bool:
+        params = group["params"]
+        steady = self.steady
+        assert steady is not None
+        if len(params) != len(steady) or not all(map(operator.is_, params, steady)) or _group_signature(group) != self.key[0]:
+            return False
+        grads = [p.grad for p in params]
+        if not all(map(operator.is_not, grads, repeat(None))):
+            return False
+        n = len(params)
+        if all(map(operator.is_, grads, map(weakref.ref.__call__, self.grad_refs))):  # the same gradient tensors
+            grad_ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=n)
+            if not np.array_equal(grad_ptrs, self.ptrs[:, Slot.GRAD]):
+                self.ptrs[:, Slot.GRAD] = grad_ptrs
+        elif self.take(grads) is None:
+            return False
+        if not self.valid():
+            return False
+        values = np.empty(n, dtype=np.float64)
+        lib.danlu_increment(n, _addr(self.counters), _addr(values))
+        steps = values.tolist()
+        states = self.states
+        if values.min() == values.max():
+            lrs = [opt._effective_lr(group, states[0], steps[0]) * lr_scale] * n
+        else:
+            by_step: dict[float, float] = {}
+            lrs = [by_step.setdefault(t, opt._effective_lr(group, state, t) * lr_scale) for state, t in zip(states, steps)]
+        self.run(ctx, group, params, states, lrs, steps)
+        return True
+
     def valid(self) -> bool:
-        ptrs = np.fromiter((p.data_ptr() for p in self.params), dtype=np.int64, count=len(self.params))
-        return bool(np.array_equal(ptrs, self.param_ptrs)) and all([st.get(k) is t for st, k, t in self.checks])
+        ptrs = np.fromiter(map(Tensor.data_ptr, self.params), dtype=np.int64, count=len(self.params))
+        if not np.array_equal(ptrs, self.param_ptrs):
+            return False
+        if self.steady is not None:
+            return all(map(operator.is_, map(dict.get, self.check_dicts, self.check_keys), self.check_values))
+        return all([st.get(k) is t for st, k, t in self.checks])
 
     def take(self, grads: list[Tensor]) -> list[int] | None:
         """Point the rows at this step's gradients; None if one of them cannot be read by the kernels."""
-        dtype = self.params[0].dtype if self.params else None
-        chosen = [grads[i] for i in self.chosen]
-        if not all(
-            [type(g) in _PLAIN and g.dtype is dtype and g.layout is torch.strided and g.is_contiguous() and g.device.type == "cpu" for g in chosen]
+        chosen = [grads[i] for i in self.chosen] if len(self.chosen) != len(grads) else grads
+        if chosen and not (
+            set(map(type, chosen)) <= _PLAIN_SET
+            and set(map(_DTYPE, chosen)) == {self.params[0].dtype}
+            and set(map(_LAYOUT, chosen)) == {torch.strided}
+            and all(map(_IS_CPU, chosen))
+            and all(map(Tensor.is_contiguous, chosen))
         ):
             return None
-        self.grads = chosen
-        self.ptrs[:, Slot.GRAD] = np.fromiter((g.data_ptr() for g in chosen), dtype=np.int64, count=len(chosen))
+        self.grad_refs = list(map(weakref.ref, chosen))  # weak: a step must not keep old gradients alive
+        self.ptrs[:, Slot.GRAD] = np.fromiter(map(Tensor.data_ptr, chosen), dtype=np.int64, count=len(chosen))
         return self.chosen
 
     def run(
