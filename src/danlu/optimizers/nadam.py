@@ -23,15 +23,21 @@ def _native_rows(group: Mapping[str, Any], states: list[dict[str, Any]], lrs: li
     beta1, beta2 = group["betas"]
     psi = group["momentum_decay"]
     products = [s["mu_product"] for s in states]
-    step = np.array(steps, dtype=np.float64)
-    mu = np.array([beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in steps])
-    mu_next = np.array([beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in steps])
-    torch._foreach_mul_(products, mu.tolist())
+    distinct = sorted(set(steps))  # one step count in a group, except after parameters were added
+    by_step = {t: (beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)), beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))) for t in distinct}
+    if len(distinct) == 1:
+        (mu, mu_next), sqrt_correction2 = by_step[distinct[0]], (1 - beta2 ** distinct[0]) ** 0.5
+        torch._foreach_mul_(products, mu)
+    else:
+        mu = np.array([by_step[t][0] for t in steps])
+        mu_next = np.array([by_step[t][1] for t in steps])
+        sqrt_correction2 = np.array([(1 - beta2**t) ** 0.5 for t in steps])
+        torch._foreach_mul_(products, mu.tolist())
     mu_product = torch.stack(products).numpy() if len(products) > 1 else np.array([float(products[0])])
     lr = np.array(lrs, dtype=np.float64)
     rows = np.zeros((len(states), 7))
     rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 4] = 1 - beta1, beta2, 1 - beta2, group["eps"]
-    rows[:, 3] = np.array([(1 - beta2**t) ** 0.5 for t in step.tolist()])
+    rows[:, 3] = sqrt_correction2
     rows[:, 5] = -lr * (1.0 - mu) / (1.0 - mu_product)
     rows[:, 6] = -lr * mu_next / (1.0 - mu_product * mu_next)
     return rows
