@@ -84,6 +84,7 @@ class _Stack:
     blocks: tuple[Any, ...]
     ema_first: bool  # an EMA-mode after-step comes before a SYNC-mode one
     torch_fusable: bool  # torch's fused AdamW can take it (decay folds only, no trust ratio)
+    volatile: frozenset[str]  # group keys that change from step to step and decide nothing of a plan
 
 
 def _stack(opt: Any) -> _Stack:
@@ -117,7 +118,9 @@ def _read_stack(cls: type) -> _Stack:
     if len(set(modes)) != len(modes) or sum(isinstance(f, TrustRatio) for _, f in transforms) > 1:
         spec = None
     ema_first = Mode.EMA in modes and Mode.SYNC in modes and modes.index(Mode.EMA) < modes.index(Mode.SYNC)
-    return _Stack(spec, tuple(transforms), tuple(after), tuple(blocks), ema_first, fusable)
+    counters = {c for d in getattr(cls, "_danlu_derivations", ()) for c in getattr(d, "counters", ())}
+    volatile = frozenset({"params", "param_names", "lr", _APPLIED_STEPS, "calls", *counters})
+    return _Stack(spec, tuple(transforms), tuple(after), tuple(blocks), ema_first, fusable, volatile)
 
 
 def spec_for(opt: Any) -> NativeSpec | None:
@@ -254,7 +257,7 @@ def _native_group_step(
 ) -> list[int]:
     stack = _stack(opt)
     plans = opt.__dict__.setdefault(PLANS, {})
-    key = (_group_signature(group), tuple(map(id, params)))
+    key = (_group_signature(stack, group), tuple(map(id, params)))
     plan = plans.get(id(group))
     if plan is None or plan.key != key or not plan.valid():
         plan = plans[id(group)] = _Plan(stack, group, key, params, states, names)
@@ -262,7 +265,7 @@ def _native_group_step(
     if chosen is None:  # gradients the kernels cannot read this time (dtype, layout): rebuild the rows
         return list(range(len(params)))
     plan.run(ctx, group, params, states, lrs, steps)
-    if not plan.rest and len(params) == len(group["params"]):
+    if plan.steady is None and not plan.rest and len(params) == len(group["params"]):
         plan.prepare_steady(group, states)
     return plan.rest
 
@@ -282,10 +285,9 @@ def steady_step(opt: Any, ctx: StepContext, group: dict[str, Any], lr_scale: flo
     return lib is not None and plan.steady_run(lib, opt, ctx, group, lr_scale)
 
 
-def _group_signature(group: dict[str, Any]) -> tuple[Any, ...]:
+def _group_signature(stack: _Stack, group: dict[str, Any]) -> tuple[Any, ...]:
     """The options of a group that decide a plan (everything but the lr, the counters and the tensors)."""
-    skip = ("params", "param_names", "lr", _APPLIED_STEPS, "calls")
-    return tuple((k, repr(v)) for k, v in group.items() if k not in skip)
+    return tuple((k, repr(v)) for k, v in group.items() if k not in stack.volatile)
 
 
 _Row = tuple[list[int], list[tuple[dict[str, Any], str, Tensor]], tuple[int, int], tuple[float, float, float, float], bool, dict[int, float]]
@@ -425,7 +427,7 @@ class _Plan:
         params = group["params"]
         steady = self.steady
         assert steady is not None
-        if len(params) != len(steady) or not all(map(operator.is_, params, steady)) or _group_signature(group) != self.key[0]:
+        if len(params) != len(steady) or not all(map(operator.is_, params, steady)) or _group_signature(self.stack, group) != self.key[0]:
             return False
         grads = [p.grad for p in params]
         if not all(map(operator.is_not, grads, repeat(None))):
