@@ -19,7 +19,7 @@ from danlu.derive import (
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
 __version__ = _installed_version()  # the package's metadata, as `danlu --version` prints it
@@ -36,6 +36,7 @@ __all__ = [
     "RAdam",
     "Adafactor",
     "Lion",
+    "Adamax",
     "Muon",
     "LazyAdam",
     "AdamW",

@@ -105,6 +105,7 @@ TRAFFIC: dict[str, float] = {
     "adadelta": 7,
     "rmsprop": 5,
     "adam": 7,  # read p, g, m, v; write p, m, v
+    "adamax": 7,  # read p, g, m, u; write p, m, u
     "lion": 5,
     "lamb": 10,  # pass 1: read p, g, m, v, write m, v (norms); pass 2: read p, m, v, write p
     "lamb_pure": 11,  # the same with a pass 1 that writes nothing (4 + 7)
@@ -291,6 +292,7 @@ def danlu_impls() -> list[Impl]:
         Impl("danlu.RAdam", "danlu", "radam", lambda nm: d.RAdam(nm, lr=LR), _t(7)),
         Impl("danlu.Adafactor", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR), adafactor_transfers),
         Impl("danlu.Lion", "danlu", "lion", lambda nm: d.Lion(nm, lr=LR), _t(5)),
+        Impl("danlu.Adamax", "danlu", "adamax", lambda nm: d.Adamax(nm, lr=LR), _t(7)),
         Impl("danlu.Lion+WD", "danlu", "lion+wd", lambda nm: wd_lion(nm, lr=LR, weight_decay_rate=0.01), _t(5)),
         Impl("danlu.SGD", "danlu", "sgd", lambda nm: d.SGD(nm, lr=LR), _t(3)),
         Impl("danlu.SGD[momentum]", "danlu", "sgd_momentum", lambda nm: d.SGD(nm, lr=LR, momentum=0.9), _t(5)),
@@ -350,6 +352,7 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
     variants("RMSprop", o.RMSprop, "rmsprop", 5, ("foreach",))
     variants("NAdam", o.NAdam, "nadam", 7, ("foreach", "single"))
     variants("RAdam", o.RAdam, "radam", 7, ("foreach", "single"))
+    variants("Adamax", o.Adamax, "adamax", 7, ("foreach", "single"))
     if hasattr(o, "Adafactor"):
         impls.append(
             Impl(

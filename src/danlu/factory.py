@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from danlu import derive
 from danlu.derivations import ALL_DERIVATIONS, WeightDecay
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
 __all__ = ["create_optimizer", "parse_spec", "OPTIMIZER_NAMES", "DERIVATION_NAMES", "no_decay_names", "muon_adam_names"]
@@ -49,6 +49,7 @@ _OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "radam": (RAdam, {}),
     "adafactor": (Adafactor, {}),
     "lion": (Lion, {}),
+    "adamax": (Adamax, {}),
     "lamb": (Lamb, {}),
     "lazyadam": (LazyAdam, {}),
     "ranger": (Ranger, {}),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Fusion
 from danlu._validate import check_patterns
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ class Derivation:
     """Whether ``transform_gradients`` does anything (it then runs on every applied step)."""
     methods: ClassVar[dict[str, Any]] = {}
     """Methods added to the derived class (``apply_ema_weights`` ...)."""
+    native: ClassVar[Fusion | None] = None
+    """How the native kernels fuse this derivation (``danlu._native_spec``); None: they do not know it, and
+    a derivation with a transform then keeps its stack on the generic path."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check the options (a param group or the constructor's keywords); return them normalized."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from danlu._native_spec import NoTensorWork
 from danlu._validate import check_schedule
 from danlu.derivations._base import APPLIED_STEPS, Derivation
 from danlu.schedules import piecewise_linear
@@ -38,6 +39,8 @@ class PiecewiseLinearLR(Derivation):
     name = "piecewise_linear_lr"
     title = "PiecewiseLinearLR"
     defaults = {"lr_schedule": {0: 1.0}}
+    native = NoTensorWork()
+    """Acts through the lr multiplier only."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "lr_schedule" not in options:
