@@ -203,6 +203,15 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     ),
     OptimizerCase("adam_no_bias_correction", D.Adam, dict(lr=0.01, bias_correction=False, eps=1e-3)),
     OptimizerCase(
+        "adamax", D.Adamax, dict(lr=0.01), spec="adamax",
+        torch_reference=TorchReference(torch.optim.Adamax, dict(lr=0.01)),
+        error_inputs=(
+            _e(ValueError, "betas", betas=(1.0, 0.999)),
+            _e(ValueError, "betas[1]", betas=(0.9, -0.1)),
+            _e(ValueError, "eps", eps=-1e-8),
+        ),
+    ),
+    OptimizerCase(
         "nadam", D.NAdam, dict(lr=0.01), spec="nadam",
         torch_reference=TorchReference(torch.optim.NAdam, dict(lr=0.01)),
         error_inputs=(

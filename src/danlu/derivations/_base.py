@@ -16,7 +16,8 @@ in a fixed order (see :mod:`danlu._host`):
 4. ``transform``: rewrites the proposed update ``u = p_new - p_old`` of the
    tensors it ``selects`` (weight decay, layer adaptation, lazy rows,
    per-parameter lr), innermost derivation first;
-5. ``after_step``: acts on the new parameters (Lookahead, EMA).
+5. ``after_step``: acts on the new parameters (Lookahead, EMA);
+6. ``finish``: after an applied step, whether it succeeded or raised.
 
 Derivations keep their hyperparameters in the param groups (under bert4keras'
 names) and their tensors in ``optimizer.state[p]`` under namespaced keys, so
@@ -150,6 +151,9 @@ class Derivation:
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """Create the state entries that the first step creates, with their values before any step."""
+
+    def finish(self, host: DerivationHost, failed: bool) -> None:
+        """After a step that was applied (or failed while being applied), whether it succeeded or raised."""
 
     @staticmethod
     def zeros_state(host: DerivationHost, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:

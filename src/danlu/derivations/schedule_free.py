@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import foreach_copy_
+from danlu._native_spec import Blocks
 from danlu._validate import check_number
 from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 from danlu.derivations.lookahead import Lookahead
@@ -88,6 +89,12 @@ class ScheduleFree(Derivation):
     state_keys = (Z, X)
     required_state = (Z, X)
     counters = (EVAL, LR_MAX, WEIGHT_SUM)
+    native = Blocks()
+    """The base steps z and the parameters then take y: a Lookahead or EMA fused into the kernel's pass
+    would see z, so Schedule-Free stacks keep the generic path (their own passes run in stack order)."""
+
+    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
+        return True
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         checked: dict[str, Any] = {}

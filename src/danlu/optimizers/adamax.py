@@ -74,6 +74,7 @@ class Adamax(DanluOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
     native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.ADAMAX, lambda group: ("exp_avg", "exp_inf"), _native_coefficients)
     """The native kernel (see ``danlu._native_spec``)."""
 
