@@ -116,6 +116,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "lazyadam+weight_decay+layer_adaptation": ("lazyadam+weight_decay+layer_adaptation", dict(lr=0.01)),
     "lion+layer_adaptation+warmup": ("lion+layer_adaptation+warmup", dict(lr=0.01, lr_schedule={0: 0.5, 3: 1.0})),
+    "adamw+clip": ("adamw+clip", dict(lr=0.01, global_clipnorm=0.05)),
+    "lamb+accum+clip": ("lamb+gradient_accumulation+clip", dict(lr=0.01, grad_accum_steps=2, global_clipnorm=0.05)),
+    "adam+clipnorm": ("adam+clip", dict(lr=0.01, clipnorm=0.02)),
     "muon": ("muon", dict(lr=0.02, ns_dtype=torch.float32)),
     "muon+weight_decay": ("muon+weight_decay", dict(lr=0.02, weight_decay_rate=0.1, ns_dtype=torch.float32)),
     "muon+accum+lookahead+ema": (

@@ -51,17 +51,13 @@ from danlu.derivations import (
 from danlu.derivations._base import APPLIED_STEPS, matches_any
 
 if TYPE_CHECKING:
+    from danlu._context import StepContext
     from danlu.base import DanluOptimizer
 
-__all__ = ["group_step", "defer_mean", "native_kind", "FUSED_AFTER", "PENDING_MEAN"]
+__all__ = ["group_step", "defer_mean", "native_kind", "settle_gradients"]
 
-FUSED_AFTER = "_danlu_fused_after"
-"""Instance attribute: {(derivation index, id(group)): ids of the parameters whose after_step is done}."""
 STATS = {"native_tensors": 0, "torch_fused_tensors": 0}
 """How many tensor updates the native kernels have done in this process (for tests and the benchmark)."""
-PENDING_MEAN = "_danlu_pending_mean"
-"""Instance attribute: {id(p): (accumulation buffer, steps)} for means deferred to the kernel."""
-
 M_ACCUM, M_SYNC, M_EMA, M_EMA_FIRST = 1, 2, 4, 8
 PH_FULL, PH_NORM, PH_APPLY, PH_ADAPT = 0, 1, 2, 3
 NSLOT, NCOEF = 8, 20
@@ -225,7 +221,7 @@ def _layer_adapted(opt: Any, group: dict[str, Any], name: str | None) -> bool:
     return any(isinstance(d, LayerAdaptation) and d.selects(group, name) for d in opt._danlu_derivations)
 
 
-def defer_mean(opt: Any, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+def defer_mean(opt: Any, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
     """Whether the mean of an accumulated gradient can be left to the kernel (then it is recorded)."""
     spec = spec_for(opt)
     if spec is None or not spec.accumulate or native_kind(opt, group) != "native":
@@ -235,23 +231,25 @@ def defer_mean(opt: Any, group: dict[str, Any], p: Tensor, buffer: Tensor, steps
     name = opt._param_name(group, p)
     if _lazy_selects(opt, group, name) or _layer_adapted(opt, group, name):
         return False
-    opt.__dict__.setdefault(PENDING_MEAN, {})[id(p)] = (buffer, steps)
+    ctx.pending_means[id(p)] = (buffer, steps)
     return True
 
 
-def settle_pending_means(opt: Any, params: Sequence[Tensor]) -> None:
-    """Average, in Python, the deferred means of tensors that end up on another path."""
-    pending = opt.__dict__.get(PENDING_MEAN)
-    if not pending:
-        return
-    for p in params:
-        entry = pending.pop(id(p), None)
+def settle_gradients(ctx: StepContext, params: Sequence[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """The gradients of the tensors left to the generic path, with deferred means formed and scales applied.
+
+    A mean deferred to the kernel is formed in its buffer (``(buffer + g) / k``), never in ``p.grad``.
+    """
+    out = list(grads)
+    for i, p in enumerate(params):
+        entry = ctx.pending_means.pop(id(p), None)
         if entry is not None:
             buffer, steps = entry
-            grad = p.grad
-            assert grad is not None
-            grad.add_(buffer).div_(steps)
-            buffer.zero_()
+            out[i] = buffer.add_(out[i]).div_(steps).to(grads[i].dtype)
+        scale = ctx.scales.get(id(p))
+        if scale is not None:
+            out[i] = out[i] * scale
+    return out
 
 
 def _fold(opt: Any, group: dict[str, Any], name: str | None, lr: float) -> tuple[float, float, list[tuple[str, float]]]:
@@ -322,6 +320,7 @@ def _ptr(t: Tensor | None) -> int:
 
 def _generic_group_step(
     opt: DanluOptimizer,
+    ctx: StepContext,
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
@@ -335,7 +334,7 @@ def _generic_group_step(
     spec = spec_for(opt)
     assert lib is not None and spec is not None
     derivations = opt._danlu_derivations
-    pending = opt.__dict__.get(PENDING_MEAN, {})
+    pending = ctx.pending_means
     slot_keys = spec.slots(group)
 
     # the after-step work fused into the pass, in the stack's order
@@ -433,10 +432,9 @@ def _generic_group_step(
         _call(lib, spec, dt, adapted_batch, PH_ADAPT, threads)
     STATS["native_tensors"] += len(done)
     if done and after_index:
-        handled = opt.__dict__.setdefault(FUSED_AFTER, {})
         ids = {id(p) for p in done}
         for index in after_index:
-            handled[(index, id(group))] = ids
+            ctx.fused_after[(index, id(group))] = ids
     return rest
 
 
@@ -461,6 +459,7 @@ def advance_steps(opt: Any, group: dict[str, Any], steps_t: list[Tensor]) -> lis
 
 def group_step(
     opt: DanluOptimizer,
+    ctx: StepContext,
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
@@ -471,11 +470,13 @@ def group_step(
 ) -> list[int]:
     """Run what the native kernels (or torch's fused Adam) can take; return the indices left to the generic path."""
     kind = native_kind(opt, group)
+    if ctx.scales:  # scaled gradients (clipping) take the generic path
+        return list(range(len(params)))
     if kind != "native":
         if kind == "foreach" and _torch_fused_allowed(opt, group):
             return _torch_fused_adam(opt, group, params, grads, states, names, lrs, steps, list(range(len(params))))
         return list(range(len(params)))
-    rest = _native_group_step(opt, group, params, grads, states, names, lrs, steps)
+    rest = _native_group_step(opt, ctx, group, params, grads, states, names, lrs, steps)
     if rest and _torch_fused_allowed(opt, group):  # CUDA tensors of an Adam stack
         return _torch_fused_adam(opt, group, params, grads, states, names, lrs, steps, rest)
     return rest
@@ -483,6 +484,7 @@ def group_step(
 
 def _native_group_step(
     opt: DanluOptimizer,
+    ctx: StepContext,
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
@@ -499,8 +501,8 @@ def _native_group_step(
     if plan is None or plan.key != key or not plan.valid(params, states):
         plan = plans[id(group)] = _Plan(opt, group, spec, key, params, states, names)
     if not plan.grads_ok(grads):
-        return _generic_group_step(opt, group, params, grads, states, names, lrs, steps)
-    plan.run(opt, group, spec, params, grads, states, lrs, steps)
+        return _generic_group_step(opt, ctx, group, params, grads, states, names, lrs, steps)
+    plan.run(opt, ctx, group, spec, params, grads, states, lrs, steps)
     return plan.rest
 
 
@@ -732,6 +734,7 @@ class _Plan:
     def run(
         self,
         opt: Any,
+        ctx: StepContext,
         group: dict[str, Any],
         spec: Spec,
         params: list[Tensor],
@@ -753,7 +756,7 @@ class _Plan:
         base_mode = (M_SYNC if sync else 0) | (M_EMA if self.ema else 0) | (M_EMA_FIRST if self.ema and self.ema_first else 0)
         modes[:] = base_mode
         coef = np.zeros((n, NCOEF), dtype=np.float64)
-        pending = opt.__dict__.get(PENDING_MEAN)
+        pending = ctx.pending_means
         touched_grads: list[Tensor] = []
         if pending:
             for row, i in enumerate(chosen):
@@ -808,10 +811,8 @@ class _Plan:
         if _increment_version is not None:
             _increment_version(self.params + touched_grads)
         STATS["native_tensors"] += n
-        if self.after_index:
-            handled = opt.__dict__.setdefault(FUSED_AFTER, {})
-            for index in self.after_index:
-                handled[(index, id(group))] = self.ids
+        for index in self.after_index:
+            ctx.fused_after[(index, id(group))] = self.ids
 
     def _launch(self, lib: Any, spec: Spec, phase: int, threads: int, ptrs: Any, numel: Any, coef: Any, modes: Any) -> None:
         import numpy as np

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from numbers import Real
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from danlu._context import StepContext
 from danlu._distributed import all_zero
 from danlu._params import normalize_group
 from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
@@ -97,54 +98,62 @@ class DerivationHost(torch.optim.Optimizer):
         if not self.state and self._is_state_init_call():
             self._init_all_state()
             return loss
+        ctx = StepContext(self)
         derivations = self._danlu_derivations
         if not derivations:
-            self._base_step([1.0] * len(self.param_groups))
+            self._base_step(ctx)
             return loss
         for derivation in derivations:
             derivation.check(self)
         if any(d.skip(self) for d in derivations):
             return loss
         undo = _Undo(self)
-        try:
-            applies = all([d.accumulate(self) for d in derivations])
-        except BaseException:
-            undo.restore()
-            raise
-        if not applies:
-            self._count(CALLS)
-            return loss
         failed = True
         try:
-            scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
+            if not all([d.accumulate(self, ctx) for d in derivations]):
+                self._count(CALLS)
+                failed = False
+                return loss
+            if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+                ctx.dropped = True  # nothing is applied; an accumulation cycle is consumed (its buffers cleared)
+                self._count(CALLS)
+                failed = False
+                return loss
+            ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
             for derivation in derivations:
                 for group in self.param_groups:
                     derivation.prepare(self, group, group["params"])
-            self._base_step(scales)
+            self._base_step(ctx)
             self._count(CALLS)
             self._count(APPLIED_STEPS)
             for index, derivation in enumerate(derivations):
                 for group in self.param_groups:
-                    derivation.after_step(self, group, self._after_step_params(index, group))
+                    derivation.after_step(self, group, self._after_step_params(ctx, index, group))
             failed = False
         except BaseException:
             undo.restore()
             raise
         finally:
-            for derivation in derivations:
-                derivation.finish(self, failed)
+            ctx.finish(failed)
         return loss
 
-    def _after_step_params(self, index: int, group: dict[str, Any]) -> list[Tensor]:
+    @staticmethod
+    def _after_step_params(ctx: StepContext, index: int, group: dict[str, Any]) -> list[Tensor]:
         """The parameters of ``group`` whose ``after_step`` of derivation ``index`` is still to run.
 
-        danlu's fast path runs Lookahead and EMA inside its update pass and leaves only the rest here.
+        danlu's native path runs Lookahead and EMA inside its update pass and leaves only the rest here.
         """
-        return group["params"]
+        done = ctx.fused_after.pop((index, id(group)), None)
+        if not done:
+            return group["params"]
+        return [p for p in group["params"] if id(p) not in done]
 
-    def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
-        """Whether the base step averages ``p``'s accumulated gradient itself (in its fused pass)."""
+    def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+        """Whether the base step forms ``p``'s accumulated mean itself (in its native pass)."""
         return False
+
+    def _has_gradient_hooks(self) -> bool:
+        return any(d.has_gradient_hook for d in self._danlu_derivations)
 
     def _check_lrs(self) -> None:
         """Refuse, before anything changes, an lr that a scheduler or a hand set to nan, inf or < 0."""
@@ -194,7 +203,8 @@ class DerivationHost(torch.optim.Optimizer):
     def _check_gradients(self) -> None:
         """Reject gradients the algorithm cannot take, before anything changes."""
 
-    def _base_step(self, lr_scales: Sequence[float]) -> None:
+    def _base_step(self, ctx: StepContext) -> None:
+        """Apply one step of the base algorithm with ``ctx.lr_scales`` and ``ctx``'s gradients, through the transforms."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ transforms

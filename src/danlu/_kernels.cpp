@@ -5,7 +5,7 @@
 // gradient and the state, computes the algorithm's update u in registers/L1 (blocks of BS elements),
 // applies the derivations folded into it and writes the new parameter and state:
 //
-//   g   <- (g + accum) / k               (gradient accumulation, applying call; accum <- 0)
+//   g    = (g + accum) / k               (gradient accumulation, applying call; accum <- 0; g is never written)
 //   u    = algorithm(g, state)           (state updated in place)
 //   d    = A * u + B * p                 (weight decay, parameter-wise lr, trust ratio folded into A, B)
 //   p   <- p + d
@@ -216,7 +216,6 @@ void adam_modes_loop(const double* c, int64_t n, T* __restrict p, T* __restrict 
     T gj = g[j];
     if constexpr (ACC) {
       gj = (gj + acc[j]) / kk;
-      g[j] = gj;
       acc[j] = T(0);
     }
     const T mo = m[j];
@@ -546,7 +545,6 @@ void run_range(const double* c, int mode, int phase, void* const* slots, int64_t
       T* gm = g0 + b;
       for (int64_t j = 0; j < n; ++j) {
         gb[j] = (gm[j] + acc[j]) / kk;
-        gm[j] = gb[j];
         acc[j] = T(0);
       }
       g = gb;

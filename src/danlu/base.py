@@ -33,13 +33,14 @@ gradients and state are DTensors; every reduction goes through
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from danlu import _fused
+from danlu._context import StepContext
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
 from danlu._precision import add_rounded_, check_state_dtype, compute_dtype
@@ -145,22 +146,12 @@ class DanluOptimizer(DerivationHost):
                     )
 
     # ------------------------------------------------------------------ step
-    def _base_step(self, lr_scales: Sequence[float]) -> None:
-        self.__dict__[_fused.FUSED_AFTER] = {}
-        try:
-            for group, scale in zip(self.param_groups, lr_scales):
-                self._group_step(group, scale)
-        finally:
-            self.__dict__.pop(_fused.PENDING_MEAN, None)
+    def _base_step(self, ctx: StepContext) -> None:
+        for group, scale in zip(self.param_groups, ctx.lr_scales):
+            self._group_step(ctx, group, scale)
 
-    def _after_step_params(self, index: int, group: dict[str, Any]) -> list[Tensor]:
-        done = self.__dict__.get(_fused.FUSED_AFTER, {}).pop((index, id(group)), None)
-        if not done:
-            return group["params"]
-        return [p for p in group["params"] if id(p) not in done]
-
-    def _defer_mean(self, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
-        return _fused.defer_mean(self, group, p, buffer, steps)
+    def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+        return _fused.defer_mean(self, ctx, group, p, buffer, steps)
 
     def _init_base_state(self) -> None:
         """Create the state that the first step creates, without a step (see ``DerivationHost.step``)."""
@@ -172,11 +163,12 @@ class DanluOptimizer(DerivationHost):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
 
-    def _group_step(self, group: dict[str, Any], scale: float) -> None:
+    def _group_step(self, ctx: StepContext, group: dict[str, Any], scale: float) -> None:
         names_all = self._names(group)
         params, grads, states, names = [], [], [], []
         for p, name in zip(group["params"], names_all):
-            if p.grad is None:
+            grad = ctx.gradient(p)
+            if grad is None:
                 continue
             compute = compute_dtype(p, group.get("state_dtype"))
             state = self.state[p]
@@ -184,20 +176,20 @@ class DanluOptimizer(DerivationHost):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
             params.append(p)
-            grads.append(p.grad if p.grad.dtype == compute else p.grad.to(compute))
+            grads.append(grad if grad.dtype == compute else grad.to(compute))
             states.append(state)
             names.append(name)
         if not params:
             return
         steps = _fused.advance_steps(self, group, [s["step"] for s in states])
         lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
-        rest = _fused.group_step(self, group, params, grads, states, names, lrs, steps)
+        rest = _fused.group_step(self, ctx, group, params, grads, states, names, lrs, steps)
         if not rest:
             return
         if len(rest) < len(params):
             params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
             names, lrs, steps = [names[i] for i in rest], [lrs[i] for i in rest], [steps[i] for i in rest]
-        _fused.settle_pending_means(self, params)
+        grads = _fused.settle_gradients(ctx, params, grads)
         use_foreach = group.get("foreach") is not False
         for chunk in _chunks(params, grads, use_foreach):
             self._chunk_step(group, chunk, params, grads, states, names, lrs, steps)

@@ -10,12 +10,12 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from danlu._context import StepContext
 from danlu._distributed import foreach_copy_
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
@@ -24,6 +24,7 @@ from danlu.derivations import (
     Derivation,
     ExponentialMovingAverage,
     GradientAccumulation,
+    GradientClipping,
     LayerAdaptation,
     LazyOptimization,
     Lookahead,
@@ -47,6 +48,7 @@ __all__ = [
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
+    "extend_with_gradient_clipping",
     "extend_with_schedule_free",
 ]
 
@@ -60,12 +62,13 @@ class ForeignHost(DerivationHost):
         True
     """
 
-    def _base_step(self, lr_scales: Sequence[float]) -> None:
+    def _base_step(self, ctx: StepContext) -> None:
         groups = self.param_groups
         saved_lrs = [group["lr"] for group in groups]
         snapshots: list[tuple[list[int], list[Tensor]]] = []
+        swapped = _swap_gradients(ctx)
         try:
-            for group, scale in zip(groups, lr_scales):
+            for group, scale in zip(groups, ctx.lr_scales):
                 if scale != 1.0:
                     group["lr"] = group["lr"] * scale
             if self._has_transforms():
@@ -79,8 +82,10 @@ class ForeignHost(DerivationHost):
         finally:
             for group, lr in zip(groups, saved_lrs):
                 group["lr"] = lr
+            for p, grad in swapped:
+                p.grad = grad
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
-            self._transform_snapshot(group, snapshot, lr)
+            self._transform_snapshot(ctx, group, snapshot, lr)
 
     def _init_base_state(self) -> None:
         self._step_foreign_base()  # lr 0 and zero gradients: what torch.distributed.checkpoint does for any optimizer
@@ -113,17 +118,32 @@ class ForeignHost(DerivationHost):
         ]
         return indices, [group["params"][i].detach().clone(memory_format=torch.preserve_format) for i in indices]
 
-    def _transform_snapshot(self, group: dict[str, Any], snapshot: tuple[list[int], list[Tensor]], lr: float) -> None:
+    def _transform_snapshot(self, ctx: StepContext, group: dict[str, Any], snapshot: tuple[list[int], list[Tensor]], lr: float) -> None:
         indices, olds = snapshot
         if not indices:
             return
         params = [group["params"][i] for i in indices]
         names = self._names(group)
         torch._foreach_sub_(params, olds)
-        self._apply_transforms(
-            group, olds, params, [p.grad for p in params], [names[i] for i in indices], [lr] * len(params)
-        )
+        grads = cast(list[Tensor], [ctx.scaled_gradient(p) for p in params])  # selected because they have one
+        self._apply_transforms(group, olds, params, grads, [names[i] for i in indices], [lr] * len(params))
         torch._foreach_add_(params, olds)
+
+
+def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
+    """Point ``p.grad`` at the gradient of this step where a derivation replaced or scaled it; return what to put back.
+
+    A foreign base reads ``p.grad``; the caller's tensor is set aside, never written.
+    """
+    swapped: list[tuple[Tensor, Tensor | None]] = []
+    for _, p in ctx.params_with_gradient():
+        if id(p) not in ctx.replaced and id(p) not in ctx.scales:
+            continue
+        grad = ctx.scaled_gradient(p)
+        assert grad is not None
+        swapped.append((p, p.grad))
+        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+    return swapped
 
 
 def _as_float(lr: Any) -> float:
@@ -364,6 +384,25 @@ def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> 
     return extend_with(BaseOptimizer, SkipNonfinite(), name)
 
 
+def extend_with_gradient_clipping(BaseOptimizer: type, name: str | None = None) -> type:
+    """Clip the gradient each applied step uses: ``global_clipnorm``, ``clipnorm`` or ``clipvalue`` (Keras).
+
+    Keyword arguments: ``global_clipnorm=None``, ``clipnorm=None``, ``clipvalue=None`` (exactly one).
+    ``opt.grad_norm`` is the global norm before clipping of the last applied step. See
+    :class:`danlu.derivations.GradientClipping`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Clipped = danlu.extend_with_gradient_clipping(danlu.AdamW)
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> opt = Clipped([w], lr=1e-3, global_clipnorm=1.0)
+        >>> w.grad = torch.full((3,), 10.0); _ = opt.step()
+        >>> round(opt.grad_norm.item(), 3)
+        17.321
+    """
+    return extend_with(BaseOptimizer, GradientClipping(), name)
+
+
 assert {d.name for d in ALL_DERIVATIONS} == {
     WeightDecay.name,
     LayerAdaptation.name,
@@ -374,6 +413,7 @@ assert {d.name for d in ALL_DERIVATIONS} == {
     ExponentialMovingAverage.name,
     ParameterWiseLR.name,
     SkipNonfinite.name,
+    GradientClipping.name,
     ScheduleFree.name,
 }
 

@@ -64,6 +64,7 @@ _DERIVATIONS: dict[str, Callable[[type], type]] = {
     "ema": derive.extend_with_exponential_moving_average,
     "paramwise_lr": derive.extend_with_parameter_wise_lr,
     "skip_nonfinite": derive.extend_with_skip_nonfinite,
+    "clip": derive.extend_with_gradient_clipping,
     "schedule_free": derive.extend_with_schedule_free,
 }
 
@@ -82,6 +83,7 @@ _ALIASES = {
     "parameter_wise_lr": "paramwise_lr",
     "nonfinite": "skip_nonfinite",
     "skip_nan": "skip_nonfinite",
+    "gradient_clipping": "clip",
     "schedulefree": "schedule_free",
     "sf": "schedule_free",
 }

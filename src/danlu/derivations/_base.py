@@ -7,6 +7,10 @@ in a fixed order (see :mod:`danlu._host`):
    cannot be taken; then ``skip``: may drop the call entirely, before any other
    hook of any derivation (non-finite gradients);
 1. ``accumulate``: may withhold the step (gradient accumulation);
+   then ``transform_gradients`` (every derivation with ``has_gradient_hook``): sees, once per
+   applied step and over all groups, the gradients the base will use (``ctx.gradient(p)``, after
+   accumulation's mean) and may replace or scale them through the step context, never writing
+   into the caller's ``p.grad``; returning False drops the step;
 2. ``lr_multiplier``: scales the group's learning rate for this step;
 3. ``prepare``: creates state that must see the parameters before the update;
 4. ``transform``: rewrites the proposed update ``u = p_new - p_old`` of the
@@ -32,6 +36,7 @@ from torch import Tensor
 from danlu._validate import check_patterns
 
 if TYPE_CHECKING:
+    from danlu._context import StepContext
     from danlu._host import DerivationHost
 
 __all__ = ["Derivation", "matches_any", "by_device_and_dtype", "wide_dtype", "APPLIED_STEPS", "CALLS"]
@@ -78,6 +83,8 @@ class Derivation:
     counters: ClassVar[tuple[str, ...]] = ()
     """Param-group keys of integer counters this derivation keeps (start at 0, saved in ``state_dict``)."""
     has_transform: ClassVar[bool] = False
+    has_gradient_hook: ClassVar[bool] = False
+    """Whether ``transform_gradients`` does anything (it then runs on every applied step)."""
     methods: ClassVar[dict[str, Any]] = {}
     """Methods added to the derived class (``apply_ema_weights`` ...)."""
 
@@ -99,9 +106,18 @@ class Derivation:
         """Called on every ``step()`` before every other hook; return True to drop the call (nothing changes)."""
         return False
 
-    def accumulate(self, host: DerivationHost) -> bool:
+    def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:
         """Called on every ``step()``; return False to withhold the step (the call only buffers)."""
         return True
+
+    def transform_gradients(self, host: DerivationHost, ctx: StepContext) -> bool | None:
+        """Once per applied step: replace (``ctx.replace``) or scale (``ctx.scale``) the gradients the base uses.
+
+        ``ctx.gradient(p)`` is the gradient after accumulation's mean, over every group. Never write
+        into it in place: it may be the caller's ``p.grad``. Return False to drop the step (nothing
+        else changes).
+        """
+        return None
 
     def lr_multiplier(self, group: Mapping[str, Any]) -> float:
         return 1.0
@@ -130,9 +146,6 @@ class Derivation:
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """Create the state entries that the first step creates, with their values before any step."""
-
-    def finish(self, host: DerivationHost, failed: bool) -> None:
-        """After a step that ``accumulate`` let through, whether it succeeded or raised."""
 
     @staticmethod
     def zeros_state(host: DerivationHost, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:

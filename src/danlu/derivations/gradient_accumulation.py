@@ -13,12 +13,12 @@ from danlu._validate import check_int
 from danlu.derivations._base import CALLS, Derivation
 
 if TYPE_CHECKING:
+    from danlu._context import StepContext
     from danlu._host import DerivationHost
 
 __all__ = ["GradientAccumulation"]
 
 BUFFER = "accum.grad"
-_RESTORE = "_danlu_accum_restore"
 
 
 def _buffer_dtype(p: Tensor) -> torch.dtype:
@@ -29,14 +29,15 @@ class GradientAccumulation(Derivation):
     r"""Apply one step every ``grad_accum_steps`` calls, with the mean of their gradients.
 
     The ``optax.MultiSteps`` semantics: calls :math:`1 \dots k-1` of each cycle only add ``p.grad``
-    to a buffer (``state[p]["accum.grad"]``) and change nothing else; call :math:`k` replaces
-    ``p.grad`` in place by the mean
+    to a buffer (``state[p]["accum.grad"]``) and change nothing else; call :math:`k` forms the mean
+    in that buffer (``p.grad`` is never written)
 
     .. math::
 
         \bar g = \frac{1}{k} \sum_{i=1}^{k} g_i
 
-    and applies one step of the base optimizer with it. Buffering calls are not steps for any
+    which every gradient hook (such as clipping) then sees, and applies one step of the base
+    optimizer with it. Buffering calls are not steps for any
     derivation or for the base optimizer's bias correction. (bert4keras applies at calls 1, k+1,
     2k+1, ... with the gradients of the calls before, and its Adam counts every call.) The buffer of
     a 16-bit parameter is float32. ``grad_accum_steps`` must be the same in every parameter group.
@@ -63,7 +64,7 @@ class GradientAccumulation(Derivation):
             return {}
         return {"grad_accum_steps": check_int("grad_accum_steps", options["grad_accum_steps"], low=1)}
 
-    def accumulate(self, host: DerivationHost) -> bool:
+    def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:
         groups = host.param_groups
         steps = groups[0]["grad_accum_steps"]
         if steps == 1:
@@ -73,19 +74,24 @@ class GradientAccumulation(Derivation):
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p)).add_(p.grad)
             return False
         sync = sync_group(host)
-        restore: list[tuple[Tensor, Tensor | None]] = []
+        defer = sync is None and not host._has_gradient_hooks()  # a gradient hook needs the mean formed first
+        buffers: list[Tensor] = []
+        means: list[Tensor] = []
         for group in groups:
             for p in group["params"]:
                 buffer = host.state[p].get(BUFFER)
                 if buffer is None and p.grad is None:
                     continue
-                if buffer is not None and sync is None and host._defer_mean(group, p, buffer, steps):
-                    continue  # averaged (and the buffer cleared) inside the base optimizer's fused pass
-                restore.append((p, p.grad))
-                p.grad = _mean_gradient(p, buffer, steps)
-        host.__dict__[_RESTORE] = restore
+                if buffer is not None:
+                    buffers.append(buffer)
+                if buffer is not None and defer and host._defer_mean(ctx, group, p, buffer, steps):
+                    continue  # averaged (and the buffer cleared) inside the base optimizer's native pass
+                mean = _mean_gradient(p, buffer, steps)
+                ctx.replace(p, mean)
+                means.append(mean)
         if sync is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
-            all_reduce_mean_([p.grad for p, _ in restore], sync)
+            all_reduce_mean_(means, sync)
+        ctx.cleanup.append(lambda failed: _clear(buffers, failed))
         return True
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -93,14 +99,11 @@ class GradientAccumulation(Derivation):
             for p in params:
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p))
 
-    def finish(self, host: DerivationHost, failed: bool) -> None:
-        restore = host.__dict__.pop(_RESTORE, [])
-        for p, grad in restore:
-            if failed and (grad is None or grad.is_sparse):
-                p.grad = grad
-            buffer = host.state[p].get(BUFFER)
-            if buffer is not None and not failed:
-                buffer.zero_()
+
+def _clear(buffers: list[Tensor], failed: bool) -> None:
+    if not failed:
+        for buffer in buffers:
+            buffer.zero_()
 
 
 def _params_with_grad(host: DerivationHost) -> list[Tensor]:
@@ -108,16 +111,12 @@ def _params_with_grad(host: DerivationHost) -> list[Tensor]:
 
 
 def _mean_gradient(p: Tensor, buffer: Tensor | None, steps: int) -> Tensor:
-    """(this call's gradient + the buffered sum) / steps, written into p.grad where it is dense."""
+    """(this call's gradient + the buffered sum) / steps, formed in the buffer (never in ``p.grad``)."""
     grad = p.grad
-    if grad is None:
-        assert buffer is not None
-        return buffer.div(steps).to(p.dtype)
-    if grad.is_sparse:
-        mean = grad.to_dense().to(_buffer_dtype(p))
-        if buffer is not None:
-            mean.add_(buffer)
-        return mean.div_(steps).to(p.dtype)
-    if buffer is not None:
-        grad.add_(buffer)
-    return grad.div_(steps)
+    if buffer is None:
+        assert grad is not None
+        dense = grad.to_dense() if grad.is_sparse else grad
+        return dense.div(steps)
+    if grad is not None:
+        buffer.add_(grad.to_dense() if grad.is_sparse else grad)
+    return buffer.div_(steps)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._context import StepContext
 from danlu._distributed import is_dtensor
 from danlu._validate import check_betas, check_bool, check_int, check_number, check_patterns
 from danlu.base import DanluOptimizer, ParamsT
@@ -21,6 +22,7 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 BATCH_ON_CPU = False
 """Stack same-shape matrices into one ``bmm`` chain on the CPU too (see :func:`batched_newton_schulz`)."""
 _ORTHOGONALIZED = "_danlu_muon_orthogonalized"
+_STEP_CONTEXT = "_danlu_muon_step_context"
 """Instance attribute during a step: {id(group): {id(p): O}}, the batched Newton-Schulz results of the group."""
 
 
@@ -302,17 +304,19 @@ class Muon(DanluOptimizer):
         return _shard_like(ortho, update)
 
     # ------------------------------------------- the whole-group batch (the one override of the skeleton's step)
-    def _group_step(self, group: dict[str, Any], scale: float) -> None:
+    def _group_step(self, ctx: StepContext, group: dict[str, Any], scale: float) -> None:
         """The skeleton's group step; the Newton-Schulz results batched over the group live only during it.
 
         The first update that needs an orthogonalized matrix runs :meth:`_orthogonalize_group`
         for every matrix of the group at once (one ``bmm`` chain per shape); the chunks of the
         skeleton then take their matrices from it.
         """
+        self.__dict__[_STEP_CONTEXT] = ctx
         try:
-            super()._group_step(group, scale)
+            super()._group_step(ctx, group, scale)
         finally:
             self.__dict__.pop(_ORTHOGONALIZED, None)
+            self.__dict__.pop(_STEP_CONTEXT, None)
 
     def _take_orthogonalized(self, group: Mapping[str, Any], p: Tensor) -> Tensor | None:
         if group.get("foreach") is False:
@@ -330,14 +334,17 @@ class Muon(DanluOptimizer):
         """
         from danlu._precision import compute_dtype
 
+        ctx: StepContext = self.__dict__[_STEP_CONTEXT]
         entries: list[tuple[Tensor, Tensor]] = []  # (parameter, its update)
         for p in group["params"]:
             state = self.state.get(p)
-            if p.grad is None or not state or "momentum_buffer" not in state:
+            grad = ctx.gradient(p)
+            if grad is None or not state or "momentum_buffer" not in state:
                 continue
             dtype = compute_dtype(p, group.get("state_dtype"))
-            grad = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
-            entries.append((p, _nesterov_update(group, state, grad)))
+            grad = grad if grad.dtype == dtype else grad.to(dtype)
+            factor = ctx.scales.get(id(p))  # as the skeleton's generic path applies a gradient scale (clipping)
+            entries.append((p, _nesterov_update(group, state, grad if factor is None else grad * factor)))
         spread = [e for e in entries if _row_sharded(e[1])]
         here = [e for e in entries if not _row_sharded(e[1])]
         matrices = [_whole(u, group["ns_dtype"]).reshape(_matrix_shape(p)) for p, u in here]
@@ -382,7 +389,7 @@ def _group_pass_pays(group: Mapping[str, Any]) -> bool:
     On the CPU, without sharding, the matrices are orthogonalized one by one anyway, and doing that
     in each tensor's own update keeps one orthogonalized matrix alive at a time instead of all of them.
     """
-    matrices = [p for p in group["params"] if p.grad is not None and p.dim() >= 2]
+    matrices = [p for p in group["params"] if p.dim() >= 2 and p.grad is not None]
     return any(p.device.type != "cpu" or BATCH_ON_CPU or _row_sharded(p) for p in matrices)
 
 
