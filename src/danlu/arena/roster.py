@@ -20,6 +20,7 @@ DEFAULT_ROSTER: tuple[str, ...] = (
     "lamb",
     "adafactor",
     "lion",
+    "muon",
     "adamw+ema",
 )
 
@@ -37,6 +38,8 @@ TYPICAL_LR: dict[str, float] = {
     "radam": 1e-3,
     "adafactor": 1e-2,
     "lion": 1e-4,
+    "adamax": 2e-3,
+    "muon": 2e-2,
     "lamb": 3e-3,
     "lazyadam": 1e-3,
     "ranger": 1e-3,
