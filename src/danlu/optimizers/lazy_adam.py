@@ -67,7 +67,7 @@ class LazyAdam(Adam):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
-        if is_dtensor(grad):
+        if is_dtensor(grad) or (isinstance(step, Tensor) and not grad.is_sparse):  # traced: no data-dependent shapes
             return self._update_masked(group, grad, state, lr, step)
         beta1, beta2 = group["betas"]
         index, values = present_rows(grad)
@@ -85,7 +85,7 @@ class LazyAdam(Adam):
         return update
 
     def _update_masked(self, group: Mapping[str, Any], grad: Tensor, state: dict[str, Any], lr: float, step: float) -> Tensor:
-        """The same update with a row mask instead of row indices, for FSDP2's DTensors (no ``nonzero``)."""
+        """The same update with a row mask instead of row indices, for FSDP2's DTensors and traced steps (no ``nonzero``)."""
         beta1, beta2 = group["betas"]
         present = grad.ne(0) if grad.dim() == 0 else settle(grad.ne(0).any(dim=-1, keepdim=True))
         present = placed_like(present.expand(grad.shape), grad)
