@@ -267,3 +267,38 @@ def test_counters_are_tensors_and_old_int_state_dicts_load() -> None:
     old = {**saved, "param_groups": [{**g, "applied_steps": 1, "calls": 1} for g in saved["param_groups"]]}
     opt.load_state_dict(old)
     assert isinstance(opt.param_groups[0]["calls"], torch.Tensor) and int(opt.param_groups[0]["calls"]) == 1
+
+
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled-then-eager", "eager-then-compiled"])
+def test_state_dict_moves_between_compiled_and_eager_steps(compiled_first: bool) -> None:
+    """A state dict saved mid-cycle of accumulation by one kind of step resumes under the other."""
+    case = STACK_CASES[0]
+    run = _gradients(_params(), False, torch.float32)[:11]
+    named_a, named_b = _params(), _params()
+    first, reference = case.make(named_a), case.make(named_b)
+    torch._dynamo.reset()
+    compiled_step = torch.compile(first.step, backend="eager")
+
+    def feed(named: list[Any], grads: list[torch.Tensor]) -> None:
+        for (_, p), g in zip(named, grads):
+            p.grad = g.clone()
+
+    for grads in run[:5]:  # 5 calls: the state dict is taken with a gradient buffered
+        feed(named_a, grads)
+        compiled_step() if compiled_first else first.step()
+        feed(named_b, grads)
+        reference.step()
+    saved = first.state_dict()
+    second = case.make(named_a)
+    second.load_state_dict(saved)
+    torch._dynamo.reset()
+    second_step = second.step if compiled_first else torch.compile(second.step, backend="eager")
+    for grads in run[5:]:
+        feed(named_a, grads)
+        second_step()
+        feed(named_b, grads)
+        reference.step()
+    torch._dynamo.reset()
+    for (name, a), (_, b) in zip(named_a, named_b):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert int(second.param_groups[0]["applied_steps"]) == int(reference.param_groups[0]["applied_steps"]) == 5

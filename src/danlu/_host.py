@@ -181,8 +181,9 @@ class DerivationHost(torch.optim.Optimizer):
         for derivation in derivations:
             derivation.accumulate(self, ctx)  # under tracing it never withholds: it sets ctx.applies
         gate = _Gate(self, ctx) if ctx.applies is not None else None
-        for derivation in derivations:
-            derivation.transform_gradients(self, ctx)
+        if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+            ctx.finish(False)
+            return
         ctx.lr_scales = [_product([d.lr_multiplier(g) for d in derivations]) for g in self.param_groups]
         for derivation in derivations:
             for group in self.param_groups:
