@@ -116,6 +116,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "lazyadam+weight_decay+layer_adaptation": ("lazyadam+weight_decay+layer_adaptation", dict(lr=0.01)),
     "lion+layer_adaptation+warmup": ("lion+layer_adaptation+warmup", dict(lr=0.01, lr_schedule={0: 0.5, 3: 1.0})),
+    "adamw+clip": ("adamw+clip", dict(lr=0.01, global_clipnorm=0.05)),
+    "lamb+accum+clip": ("lamb+gradient_accumulation+clip", dict(lr=0.01, grad_accum_steps=2, global_clipnorm=0.05)),
+    "adam+clipnorm": ("adam+clip", dict(lr=0.01, clipnorm=0.02)),
     "adamw+everything": (
         "adamw+lazy+paramwise_lr+piecewise_linear_lr+gradient_accumulation+lookahead+ema+skip_nonfinite",
         dict(

@@ -21,6 +21,17 @@ import pytest
 import torch
 
 import danlu
+from cases import (
+    DERIVATIONS,
+    FOREIGN_CASES,
+    OPTIMIZER_CASES,
+    DerivationCase,
+    ErrorInput,
+    OptimizerCase,
+    derivation_error_inputs,
+    error_inputs,
+    one_per_class,
+)
 from danlu.derivations.exponential_moving_average import EMAWeightsError
 
 
@@ -79,73 +90,25 @@ def assert_raises_and_nothing_changes(
 
 
 # ------------------------------------------------------------------------------ constructors
-BAD_HYPERPARAMETERS: list[tuple[type, str, Any, type]] = [
-    (cls, "lr", bad, error)
-    for cls in (danlu.SGD, danlu.Adagrad, danlu.Adadelta, danlu.RMSprop, danlu.Adam, danlu.NAdam, danlu.RAdam, danlu.Lion, danlu.LazyAdam)
-    for bad, error in ((-1e-3, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("1e-3", TypeError), (None, TypeError))
-] + [
-    (danlu.Adafactor, "lr", -1.0, ValueError),
-    (danlu.Adafactor, "lr", math.inf, ValueError),
-    (danlu.SGD, "momentum", -0.1, ValueError),
-    (danlu.SGD, "dampening", -0.1, ValueError),
-    (danlu.SGD, "nesterov", "yes", TypeError),
-    (danlu.Adagrad, "eps", -1e-10, ValueError),
-    (danlu.Adagrad, "initial_accumulator_value", -1.0, ValueError),
-    (danlu.Adadelta, "rho", 1.01, ValueError),
-    (danlu.Adadelta, "eps", -1.0, ValueError),
-    (danlu.RMSprop, "alpha", -0.5, ValueError),
-    (danlu.RMSprop, "eps", math.nan, ValueError),
-    (danlu.RMSprop, "momentum", -1.0, ValueError),
-    (danlu.RMSprop, "centered", 1, TypeError),
-    (danlu.Adam, "betas", (1.0, 0.999), ValueError),
-    (danlu.Adam, "betas", (0.9, 1.0), ValueError),
-    (danlu.Adam, "betas", (-0.1, 0.999), ValueError),
-    (danlu.Adam, "betas", (0.9, 0.99, 0.9), ValueError),
-    (danlu.Adam, "betas", "0.9", TypeError),
-    (danlu.Adam, "eps", -1e-8, ValueError),
-    (danlu.Adam, "bias_correction", None, TypeError),
-    (danlu.NAdam, "momentum_decay", -4e-3, ValueError),
-    (danlu.NAdam, "betas", (0.9, 1.5), ValueError),
-    (danlu.RAdam, "eps", -1.0, ValueError),
-    (danlu.Lion, "betas", (1.0, 0.99), ValueError),
-    (danlu.LazyAdam, "betas", (0.9, -0.1), ValueError),
-    (danlu.Adafactor, "beta1", 1.0, ValueError),
-    (danlu.Adafactor, "beta2", -0.1, ValueError),
-    (danlu.Adafactor, "eps1", -1.0, ValueError),
-    (danlu.Adafactor, "eps2", math.nan, ValueError),
-    (danlu.Adafactor, "multiply_by_parameter_scale", "true", TypeError),
-    (danlu.Adafactor, "clipping_threshold", 0.0, ValueError),
-    (danlu.Adafactor, "clipping_threshold", -1.0, ValueError),
-    (danlu.Adafactor, "min_dim_size_to_factor", -1, ValueError),
-    (danlu.Adafactor, "min_dim_size_to_factor", 128.0, TypeError),
-    (danlu.Adafactor, "exclude_from_parameter_scale", ["(unclosed"], ValueError),
-    (danlu.Adafactor, "exclude_from_parameter_scale", [1], TypeError),
-] + [
-    (cls, option, bad, error)
-    for cls in (danlu.Adam, danlu.Adafactor, danlu.AdamW, danlu.Lamb, danlu.Ranger)
-    for option, bad, error in (
-        ("foreach", "no", TypeError),
-        ("state_dtype", torch.int64, ValueError),
-        ("state_dtype", "float32", TypeError),
-        ("stochastic_rounding", "yes", TypeError),
-    )
-]
+BAD_HYPERPARAMETERS: list[tuple[type, ErrorInput]] = list(error_inputs())
 
 
-@pytest.mark.parametrize("cls,option,bad,error", BAD_HYPERPARAMETERS, ids=lambda v: getattr(v, "__name__", str(v))[:24])
-def test_constructor_and_group_arguments(cls: type, option: str, bad: Any, error: type) -> None:
+@pytest.mark.parametrize("cls,bad", BAD_HYPERPARAMETERS, ids=[f"{cls.__name__}-{bad.id}" for cls, bad in BAD_HYPERPARAMETERS])
+def test_constructor_and_group_arguments(cls: type, bad: ErrorInput) -> None:
     pairs = named_params()
-    assert_raises_and_nothing_changes(lambda: cls(pairs, **{option: bad}), error, option, pairs=pairs)
-    if option not in ("foreach",):
-        group = [{"params": [p for _, p in pairs], option: bad}]
-        assert_raises_and_nothing_changes(lambda: cls(group), error, option, pairs=pairs)
+    error, message = bad.error, bad.names
+    assert_raises_and_nothing_changes(lambda: cls(pairs, **bad.kwargs), error, message, pairs=pairs)
+    if "foreach" not in bad.kwargs:
+        group = [{"params": [p for _, p in pairs], **bad.kwargs}]
+        assert_raises_and_nothing_changes(lambda: cls(group), error, message, pairs=pairs)
         opt, pairs = trained()
         new = torch.nn.Parameter(torch.ones(2))
-        if option in opt.defaults:
-            assert_raises_and_nothing_changes(lambda: opt.add_param_group({"params": [new], option: bad}), error, option, opt, pairs)
+        if all(option in opt.defaults for option in bad.kwargs):
+            group = {"params": [new], **bad.kwargs}
+            assert_raises_and_nothing_changes(lambda: opt.add_param_group(group), error, message, opt, pairs)
 
 
-@pytest.mark.parametrize("cls", [danlu.SGD, danlu.Adam, danlu.Adafactor, danlu.Lamb, danlu.create_optimizer])
+@pytest.mark.parametrize("cls", [*(case.cls for case in one_per_class()), danlu.create_optimizer], ids=lambda c: c.__name__)
 def test_unknown_keyword_is_a_type_error_naming_it(cls: Any) -> None:
     pairs = named_params()
     args = (pairs, "adam") if cls is danlu.create_optimizer else (pairs,)
@@ -153,60 +116,30 @@ def test_unknown_keyword_is_a_type_error_naming_it(cls: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ derivations
-BAD_DERIVATION_KEYWORDS: list[tuple[str, str, Any, type]] = [
-    ("weight_decay", "weight_decay_rate", -1e-2, ValueError),
-    ("weight_decay", "weight_decay_rate", math.nan, ValueError),
-    ("weight_decay", "weight_decay_rate", "0.01", TypeError),
-    ("weight_decay", "exclude_from_weight_decay", ["bias", "[oops"], ValueError),
-    ("weight_decay", "exclude_from_weight_decay", [None], TypeError),
-    ("weight_decay", "exclude_from_weight_decay", 3, TypeError),
-    ("layer_adaptation", "exclude_from_layer_adaptation", ["+"], ValueError),
-    ("piecewise_linear_lr", "lr_schedule", {}, ValueError),
-    ("piecewise_linear_lr", "lr_schedule", [(0, 1.0)], TypeError),
-    ("piecewise_linear_lr", "lr_schedule", {"0": 1.0}, TypeError),
-    ("piecewise_linear_lr", "lr_schedule", {-5: 1.0}, ValueError),
-    ("piecewise_linear_lr", "lr_schedule", {5: -1.0}, ValueError),
-    ("piecewise_linear_lr", "lr_schedule", {5: math.nan}, ValueError),
-    ("piecewise_linear_lr", "lr_schedule", {True: 1.0}, TypeError),
-    ("gradient_accumulation", "grad_accum_steps", 0, ValueError),
-    ("gradient_accumulation", "grad_accum_steps", 2.5, TypeError),
-    ("gradient_accumulation", "grad_accum_steps", True, TypeError),
-    ("lookahead", "steps_per_slow_update", 0, ValueError),
-    ("lookahead", "steps_per_slow_update", "5", TypeError),
-    ("lookahead", "slow_step_size", 0.0, ValueError),
-    ("lookahead", "slow_step_size", 1.01, ValueError),
-    ("lazy", "include_in_lazy_optimization", ["(?P<x"], ValueError),
-    ("ema", "ema_momentum", 1.0, ValueError),
-    ("ema", "ema_momentum", -0.5, ValueError),
-    ("ema", "ema_momentum", "0.9", TypeError),
-    ("paramwise_lr", "paramwise_lr_schedule", {"dense": -1.0}, ValueError),
-    ("paramwise_lr", "paramwise_lr_schedule", {"dense": math.inf}, ValueError),
-    ("paramwise_lr", "paramwise_lr_schedule", {3: 1.0}, TypeError),
-    ("paramwise_lr", "paramwise_lr_schedule", ["dense"], TypeError),
-    ("skip_nonfinite", "max_consecutive_skips", 0, ValueError),
-    ("skip_nonfinite", "max_consecutive_skips", 2.0, TypeError),
-]
-
-
-@pytest.mark.parametrize("derivation,option,bad,error", BAD_DERIVATION_KEYWORDS, ids=lambda v: str(v)[:24])
-@pytest.mark.parametrize("base", ["adam", "torch.SGD"])
-def test_derivation_keywords(base: str, derivation: str, option: str, bad: Any, error: type) -> None:
-    pairs = named_params()
-    spec = f"{base}+{derivation}"
-    assert_raises_and_nothing_changes(
-        lambda: danlu.create_optimizer(pairs, spec, lr=0.1, **{option: bad}), error, option, pairs=pairs
-    )
-    cls = danlu.factory._DERIVATIONS[derivation](danlu.Adam if base == "adam" else torch.optim.SGD)
-    group = [{"params": pairs, option: bad}]
-    assert_raises_and_nothing_changes(lambda: cls(group, lr=0.1), error, option, pairs=pairs)
+BAD_DERIVATION_KEYWORDS: list[tuple[DerivationCase, ErrorInput]] = list(derivation_error_inputs())
 
 
 @pytest.mark.parametrize(
-    "derivation,option", [("weight_decay", "exclude_from_weight_decay"), ("layer_adaptation", "exclude_from_layer_adaptation"),
-                          ("lazy", "include_in_lazy_optimization"), ("paramwise_lr", "paramwise_lr_schedule")]
+    "derivation,bad", BAD_DERIVATION_KEYWORDS, ids=[f"{d.id}-{bad.id}" for d, bad in BAD_DERIVATION_KEYWORDS]
 )
+@pytest.mark.parametrize("base", ["adam", "torch.SGD"])
+def test_derivation_keywords(base: str, derivation: DerivationCase, bad: ErrorInput) -> None:
+    pairs = named_params()
+    spec = f"{base}+{derivation.id}"
+    assert_raises_and_nothing_changes(
+        lambda: danlu.create_optimizer(pairs, spec, lr=0.1, **bad.kwargs), bad.error, bad.names, pairs=pairs
+    )
+    cls = derivation.factory(danlu.Adam if base == "adam" else torch.optim.SGD)
+    group = [{"params": pairs, **bad.kwargs}]
+    assert_raises_and_nothing_changes(lambda: cls(group, lr=0.1), bad.error, bad.names, pairs=pairs)
+
+
+NAME_OPTIONS = [(d.name, option) for d in danlu.derivations.ALL_DERIVATIONS for option in d.name_options]
+
+
+@pytest.mark.parametrize("derivation,option", NAME_OPTIONS)
 def test_name_options_need_names(derivation: str, option: str) -> None:
-    cls = danlu.factory._DERIVATIONS[derivation](danlu.Adam)
+    cls = DERIVATIONS[derivation].factory(danlu.Adam)
     value = {"dense": 0.5} if option == "paramwise_lr_schedule" else ["dense"]
     pairs = named_params()
     assert_raises_and_nothing_changes(lambda: cls([p for _, p in pairs], **{option: value}), ValueError, option, pairs=pairs)
@@ -260,7 +193,10 @@ def test_create_optimizer_model_argument(bad: Any, error: type) -> None:
 
 
 # ------------------------------------------------------------------------------ step()
-@pytest.mark.parametrize("spec", ["sgd", "adagrad", "adadelta", "rmsprop", "adam", "nadam", "radam", "adafactor", "lion", "lamb+ema", "adamw+gradient_accumulation"])
+DENSE_ONLY_SPECS = [case.spec for case in OPTIMIZER_CASES if case.spec and not case.supports_sparse]
+
+
+@pytest.mark.parametrize("spec", [*DENSE_ONLY_SPECS, "lamb+ema", "adamw+gradient_accumulation"])
 def test_sparse_gradients_where_unsupported(spec: str) -> None:
     opt, pairs = trained(spec)
     name, p = pairs[0]
@@ -268,15 +204,29 @@ def test_sparse_gradients_where_unsupported(spec: str) -> None:
     assert_raises_and_nothing_changes(opt.step, ValueError, f"does not support sparse gradients (parameter {name!r})", opt, pairs)
 
 
-def test_sparse_gradients_where_supported() -> None:
+SPARSE_CASES = [case for case in OPTIMIZER_CASES if case.supports_sparse]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[case.id for case in SPARSE_CASES])
+def test_sparse_gradients_where_supported(case: OptimizerCase) -> None:
     emb = torch.nn.Embedding(5, 2, sparse=True)
-    opt = danlu.extend_with_exponential_moving_average(danlu.LazyAdam)(emb.parameters(), lr=0.1)
+    before = emb.weight.detach().clone()
+    opt = danlu.extend_with_exponential_moving_average(case.cls)(emb.named_parameters(), **case.kwargs)
     emb(torch.tensor([1])).sum().backward()
     opt.step()
+    assert not torch.equal(emb.weight.detach()[1], before[1]) and torch.equal(emb.weight.detach()[0], before[0])
+
+
+LR_SPECS = [
+    *(case.spec for case in OPTIMIZER_CASES if case.spec),
+    *(f"{case.spec}+ema" for case in FOREIGN_CASES if case.spec),  # a bare torch.optim class is torch's, not danlu's
+    "adamw+lookahead+ema",
+    "adafactor+gradient_accumulation",
+]
 
 
 @pytest.mark.parametrize("bad,error", [(math.nan, ValueError), (-0.1, ValueError), (math.inf, ValueError), ("0.1", TypeError)])
-@pytest.mark.parametrize("spec", ["adam", "adamw+lookahead+ema", "torch.AdamW+ema", "adafactor+gradient_accumulation"])
+@pytest.mark.parametrize("spec", LR_SPECS)
 def test_an_lr_broken_after_construction_is_refused_before_anything_changes(spec: str, bad: Any, error: type) -> None:
     opt, pairs = trained(spec)
     for _, p in pairs:

@@ -66,6 +66,7 @@ OPTIMIZER_CASES = [
     Case("AdamW", _named(D.AdamW, lr=0.01, weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])),
     Case("Lamb", _named(D.Lamb, lr=0.01, weight_decay_rate=0.1)),
     Case("Ranger", _named(D.Ranger, lr=0.01, steps_per_slow_update=3)),
+    Case("AdamW+gradient_clipping", _named(D.extend_with_gradient_clipping(D.AdamW), lr=0.01, global_clipnorm=1.0)),
 ]
 """Every danlu optimizer (the ready-made stacks included); Adamax and Muon join with a row each."""
 

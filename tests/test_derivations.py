@@ -9,44 +9,26 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import danlu
-from cases import gradients, named_params, run
-from reference import AdamMath, SignMomentum, SignMomentumMath, simulate
+from cases import DERIVATION_CASES, DERIVATIONS, OPTIMIZERS, derive, gradients, named_params, run
+from reference import AdamMath, SignMomentumMath, simulate
 
-DERIVATION_CASES: list[tuple[str, Callable[[type], type], dict[str, Any]]] = [
-    ("weight_decay", danlu.extend_with_weight_decay, dict(weight_decay_rate=0.1, exclude_from_weight_decay=["bias", "Norm"])),
-    ("layer_adaptation", danlu.extend_with_layer_adaptation, dict(exclude_from_layer_adaptation=["Norm"])),
-    ("piecewise_linear_lr", danlu.extend_with_piecewise_linear_lr, dict(lr_schedule={2: 1.0, 6: 0.2})),
-    ("gradient_accumulation", danlu.extend_with_gradient_accumulation, dict(grad_accum_steps=3)),
-    ("lookahead", danlu.extend_with_lookahead, dict(steps_per_slow_update=3, slow_step_size=0.4)),
-    ("lazy", danlu.extend_with_lazy_optimization, dict(include_in_lazy_optimization=["embeddings"])),
-    ("ema", danlu.extend_with_exponential_moving_average, dict(ema_momentum=0.8)),
-    ("paramwise_lr", danlu.extend_with_parameter_wise_lr, dict(paramwise_lr_schedule={"dense": 0.5, "kernel": 3.0})),
-]
-BY_NAME = {name: (factory, kwargs) for name, factory, kwargs in DERIVATION_CASES}
-COMPOSITIONS = [[name] for name, _, _ in DERIVATION_CASES] + [
+COMPOSITIONS = [[case.id] for case in DERIVATION_CASES] + [
     ["weight_decay", "layer_adaptation"],
     ["layer_adaptation", "weight_decay"],
     ["gradient_accumulation", "piecewise_linear_lr", "lookahead", "ema"],
     ["paramwise_lr", "lazy", "weight_decay", "layer_adaptation", "lookahead"],
     ["ema", "lookahead", "weight_decay", "gradient_accumulation"],
 ]
+TRANSFORMS = [[case.id] for case in DERIVATION_CASES if case.transforms_update] + [["weight_decay", "layer_adaptation"]]
 
-
-def derive(base: type, names: list[str]) -> tuple[type, dict[str, Any]]:
-    cls, kwargs = base, {}
-    for name in names:
-        factory, options = BY_NAME[name]
-        cls = factory(cls)
-        kwargs.update(options)
-    return cls, kwargs
-
-
-BASES: dict[str, tuple[Callable[[], type], dict[str, Any], Callable[[], Any]]] = {
-    "danlu.Adam": (lambda: danlu.Adam, dict(lr=0.02, eps=1e-8), lambda: AdamMath(0.02)),
-    "torch.optim.Adam": (lambda: torch.optim.Adam, dict(lr=0.02, eps=1e-8, foreach=False), lambda: AdamMath(0.02)),
-    "torch.optim.Adam(foreach)": (lambda: torch.optim.Adam, dict(lr=0.02, eps=1e-8, foreach=True), lambda: AdamMath(0.02)),
-    "torch.optim.Adam(fused)": (lambda: torch.optim.Adam, dict(lr=0.02, eps=1e-8, fused=True), lambda: AdamMath(0.02)),
-    "third-party": (lambda: SignMomentum, dict(lr=0.01), lambda: SignMomentumMath(0.01)),
+ORACLE = dict(lr=0.02, eps=1e-8)  # the reference math's Adam
+BASES: dict[str, tuple[type, dict[str, Any], Callable[[], Any]]] = {
+    "danlu.Adam": (OPTIMIZERS["adam"].cls, ORACLE, lambda: AdamMath(0.02)),
+    **{
+        name: (OPTIMIZERS[name].cls, {**OPTIMIZERS[name].kwargs, **ORACLE}, lambda: AdamMath(0.02))
+        for name in ("torch.Adam", "torch.Adam(foreach)", "torch.Adam(fused)")
+    },
+    "third-party": (OPTIMIZERS["third-party"].cls, dict(OPTIMIZERS["third-party"].kwargs), lambda: SignMomentumMath(0.01)),
 }
 
 
@@ -58,10 +40,8 @@ def _ids(compositions: list[list[str]]) -> list[str]:
 @pytest.mark.parametrize("base_name", list(BASES))
 @pytest.mark.parametrize("names", COMPOSITIONS, ids=_ids(COMPOSITIONS))
 def test_derived_trajectory_follows_the_contract(base_name: str, names: list[str]) -> None:
-    make_base, base_kwargs, make_math = BASES[base_name]
-    if "fused" in base_name and names == ["lazy"]:
-        pass
-    cls, kwargs = derive(make_base(), names)
+    base, base_kwargs, make_math = BASES[base_name]
+    cls, kwargs = derive(base, names)
     params = named_params()
     sequence = gradients(params, 12)
     initial = {n: p.detach().clone() for n, p in params}
@@ -73,13 +53,13 @@ def test_derived_trajectory_follows_the_contract(base_name: str, names: list[str
         opt.step()
         got.append({n: p.detach().clone() for n, p in params})
     grads_by_name = [{n: g for (n, _), g in zip(params, step)} for step in sequence]
-    want, ema, applied = simulate(make_math(), [(n, BY_NAME[n][1]) for n in names], initial, grads_by_name)
+    want, ema, applied = simulate(make_math(), [(n, dict(DERIVATIONS[n].kwargs)) for n in names], initial, grads_by_name)
     tolerance = 1e-10 if "fused" not in base_name else 1e-9
     for call, (g_step, w_step) in enumerate(zip(got, want)):
         for n in w_step:
             torch.testing.assert_close(g_step[n], w_step[n], rtol=tolerance, atol=tolerance, msg=lambda m: f"call {call + 1}, {n}: {m}")
     if ema is not None:
-        scale = 1 - BY_NAME["ema"][1]["ema_momentum"] ** applied
+        scale = 1 - DERIVATIONS["ema"].kwargs["ema_momentum"] ** applied
         with opt.ema_weights():
             for n, p in params:
                 torch.testing.assert_close(p.detach(), ema[n] / scale, rtol=1e-10, atol=1e-10)
@@ -93,7 +73,7 @@ def test_weight_decay_then_layer_adaptation_is_lamb_and_the_other_order_differs(
         outcomes[tuple(order)] = run(cls(params, lr=0.02, **kwargs), params, gradients(params, 5))
     params = named_params()
     lamb = run(
-        danlu.Lamb(params, lr=0.02, **BY_NAME["weight_decay"][1], **BY_NAME["layer_adaptation"][1]),
+        danlu.Lamb(params, lr=0.02, **DERIVATIONS["weight_decay"].kwargs, **DERIVATIONS["layer_adaptation"].kwargs),
         params,
         gradients(params, 5),
     )
@@ -105,7 +85,7 @@ def test_weight_decay_then_layer_adaptation_is_lamb_and_the_other_order_differs(
     )
 
 
-@pytest.mark.parametrize("base", [danlu.Adam, torch.optim.Adam, SignMomentum], ids=["danlu", "torch", "third-party"])
+@pytest.mark.parametrize("base", [OPTIMIZERS[n].cls for n in ("adam", "torch.Adam", "third-party")], ids=["danlu", "torch", "third-party"])
 def test_k_accumulation_calls_equal_one_step_with_the_mean(base: type) -> None:
     k = 4
     params = named_params()
@@ -149,7 +129,7 @@ def test_accumulation_does_not_count_buffering_calls_for_schedules() -> None:
     assert values == [0.0, -1.0, -1.0, -3.0, -3.0, -6.0]
 
 
-@pytest.mark.parametrize("names", [["weight_decay"], ["layer_adaptation"], ["lazy"], ["paramwise_lr"], ["weight_decay", "layer_adaptation"]], ids=str)
+@pytest.mark.parametrize("names", TRANSFORMS, ids=str)
 def test_fast_path_equals_snapshot_path(names: list[str]) -> None:
     results = []
     for base, extra in ((danlu.Adam, {}), (torch.optim.Adam, {"foreach": False})):

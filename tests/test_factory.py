@@ -31,9 +31,13 @@ def test_every_base_name_builds_and_steps(name: str) -> None:
     opt.step()
 
 
+REQUIRED_OPTIONS = {"clip": {"global_clipnorm": 1.0}}
+"""Derivations with an option that has no default (exactly one clipping option must be chosen)."""
+
+
 @pytest.mark.parametrize("name", DERIVATION_NAMES)
 def test_every_derivation_name_builds(name: str) -> None:
-    opt = danlu.create_optimizer(bert_like(), f"adam+{name}", lr=0.01)
+    opt = danlu.create_optimizer(bert_like(), f"adam+{name}", lr=0.01, **REQUIRED_OPTIONS.get(name, {}))
     assert type(opt)._danlu_derivations[-1].name == name
 
 

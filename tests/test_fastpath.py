@@ -13,33 +13,12 @@ import pytest
 import torch
 
 import danlu
+from cases import base_cases
 from danlu import _fused, _native
 
 D = danlu
 
-OPTIMIZERS = [
-    ("sgd", D.SGD, dict(lr=0.1)),
-    ("sgdm", D.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1)),
-    ("nesterov", D.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-    ("adagrad", D.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
-    ("adadelta", D.Adadelta, dict(lr=1.0, rho=0.8)),
-    ("rmsprop", D.RMSprop, dict(lr=0.01)),
-    ("rmsprop_centered_momentum", D.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
-    ("rmsprop_momentum", D.RMSprop, dict(lr=0.01, momentum=0.5)),
-    ("adam", D.Adam, dict(lr=0.01)),
-    ("adam_nobc", D.Adam, dict(lr=0.01, bias_correction=False, eps=1e-3)),
-    ("nadam", D.NAdam, dict(lr=0.01)),
-    ("radam", D.RAdam, dict(lr=0.01)),
-    ("lion", D.Lion, dict(lr=0.01)),
-    ("adafactor", D.Adafactor, dict(lr=0.01, min_dim_size_to_factor=8)),
-    ("adafactor_relative_momentum", D.Adafactor, dict(lr=None, beta1=0.9, min_dim_size_to_factor=8)),
-    (
-        "adafactor_noclip_noscale",
-        D.Adafactor,
-        dict(lr=0.01, beta2=0.9, clipping_threshold=None, multiply_by_parameter_scale=False),
-    ),
-    ("adafactor_excluded_scale", D.Adafactor, dict(lr=0.01, exclude_from_parameter_scale=["bias"], min_dim_size_to_factor=8)),
-]
+OPTIMIZERS = [(case.id, case.cls, dict(case.kwargs)) for case in base_cases() if case.native]
 
 STACKS = [
     ("skip_nonfinite_wd", [D.extend_with_weight_decay, D.extend_with_skip_nonfinite], dict(weight_decay_rate=0.1)),
@@ -206,7 +185,7 @@ def test_native_disabled_falls_back():
 
 
 @pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
-@pytest.mark.parametrize("name", ["adam", "adafactor", "lion", "nesterov"])
+@pytest.mark.parametrize("name", ["adam", "adafactor", "lion", "sgd_nesterov"])
 def test_two_threads_large_tensors(name):
     base, kw = {o[0]: (o[1], o[2]) for o in OPTIMIZERS}[name]
     threads = torch.get_num_threads()

@@ -17,25 +17,17 @@ import pytest
 import torch
 
 import danlu
+from cases import FOREIGN_CASES, OPTIMIZER_CASES
 from danlu.derivations.skip_nonfinite import CONSECUTIVE_SKIPS, SKIPS
 
 STACK = "+gradient_accumulation+piecewise_linear_lr+lookahead+ema+skip_nonfinite"
 STACK_KWARGS = dict(grad_accum_steps=2, lr_schedule={0: 0.5, 4: 1.0}, steps_per_slow_update=2, ema_momentum=0.9)
 
+STACK_NAMES = {"gradient_accumulation", "piecewise_linear_lr", "lookahead", "ema", "skip_nonfinite"}
 BASES: list[tuple[str, dict[str, Any]]] = [
-    ("sgdm", dict(lr=0.05)),
-    ("adagrad", dict(lr=0.1)),
-    ("adadelta", dict(lr=1.0)),
-    ("rmsprop", dict(lr=0.01)),
-    ("adamw", dict(lr=0.01)),
-    ("nadam", dict(lr=0.01)),
-    ("radam", dict(lr=0.01)),
-    ("adafactor", dict(lr=None, min_dim_size_to_factor=2)),
-    ("lion", dict(lr=0.01)),
-    ("lamb", dict(lr=0.01)),
-    ("lazyadam", dict(lr=0.01)),
-    ("torch.AdamW", dict(lr=0.01)),
-    ("torch.SGD", dict(lr=0.05, momentum=0.9)),
+    (case.spec, dict(case.kwargs))
+    for case in OPTIMIZER_CASES + FOREIGN_CASES
+    if case.spec and not set(case.holds) & STACK_NAMES
 ]
 
 

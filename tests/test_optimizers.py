@@ -1,4 +1,4 @@
-"""Base optimizers: the fast path equals the per-tensor oracle, dtypes, params forms, sparse gradients."""
+"""Base optimizers: foreach equals the per-tensor oracle, torch.optim references, dtypes, params forms, sparse gradients."""
 
 from __future__ import annotations
 
@@ -8,40 +8,57 @@ import pytest
 import torch
 
 import danlu
-from cases import OPTIMIZER_CASES, gradients, named_params, run
+from cases import OPTIMIZER_CASES, OptimizerCase, case_ids, gradients, named_params, run
 
-IDS = [c[0] for c in OPTIMIZER_CASES]
+FOREACH_CASES = [case for case in OPTIMIZER_CASES if case.has_foreach]
+TORCH_REFERENCE_CASES = [case for case in OPTIMIZER_CASES if case.torch_reference is not None]
+DENSE_ONLY_CASES = [case for case in OPTIMIZER_CASES if not case.supports_sparse]
+UNNAMED_CASES = [case for case in OPTIMIZER_CASES if not case.needs_names]
+FACTORED_CASES = [case for case in OPTIMIZER_CASES if case.factored]
 
 
-@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZER_CASES, ids=IDS)
-def test_foreach_equals_per_tensor_oracle_float64(name: str, cls: type, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", FOREACH_CASES, ids=case_ids(FOREACH_CASES))
+def test_foreach_equals_per_tensor_oracle_float64(case: OptimizerCase) -> None:
     results = []
     for foreach in (False, True):
         params = named_params()
-        opt = cls(params, foreach=foreach, **kwargs)
+        opt = case.build(params, foreach=foreach)
         results.append(run(opt, params, gradients(params, 12)))
     for oracle, fast in zip(*results):
-        torch.testing.assert_close(fast, oracle, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast, oracle, rtol=case.tolerance, atol=case.tolerance)
 
 
-@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZER_CASES, ids=IDS)
-def test_foreach_equals_per_tensor_oracle_float32(name: str, cls: type, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", FOREACH_CASES, ids=case_ids(FOREACH_CASES))
+def test_foreach_equals_per_tensor_oracle_float32(case: OptimizerCase) -> None:
     results = []
     for foreach in (False, True):
         params = named_params(torch.float32)
-        opt = cls(params, foreach=foreach, **kwargs)
+        opt = case.build(params, foreach=foreach)
         results.append(run(opt, params, gradients(params, 6)))
     for oracle, fast in zip(*results):
         torch.testing.assert_close(fast, oracle, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.usefixtures("float64")  # torch.optim keeps scalar state (NAdam's mu_product) in the default dtype
+@pytest.mark.parametrize("case", TORCH_REFERENCE_CASES, ids=case_ids(TORCH_REFERENCE_CASES))
+def test_equals_its_torch_optim_reference_float64(case: OptimizerCase) -> None:
+    reference = case.torch_reference
+    assert reference is not None
+    params = named_params()
+    ours = run(case.build(params), params, gradients(params, 10))
+    params = named_params()
+    theirs = run(reference.cls([p for _, p in params], **reference.kwargs, foreach=False), params, gradients(params, 10))
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=reference.tolerance, atol=reference.tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZER_CASES, ids=IDS)
-def test_every_dtype_steps_and_follows_float64(name: str, cls: type, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=case_ids(OPTIMIZER_CASES))
+def test_every_dtype_steps_and_follows_float64(case: OptimizerCase, dtype: torch.dtype) -> None:
     reference_params = named_params(torch.float64)
-    reference = run(cls(reference_params, **kwargs), reference_params, gradients(reference_params, 3))
+    reference = run(case.build(reference_params), reference_params, gradients(reference_params, 3))
     params = named_params(dtype)
-    result = run(cls(params, **kwargs), params, gradients(params, 3))
+    result = run(case.build(params), params, gradients(params, 3))
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]
     for got, want in zip(result, reference):
         assert got.dtype == dtype
@@ -49,10 +66,8 @@ def test_every_dtype_steps_and_follows_float64(name: str, cls: type, kwargs: dic
         torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZER_CASES, ids=IDS)
-def test_params_as_tensors_groups_or_named_pairs_agree(name: str, cls: type, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("exclude_from_parameter_scale"):
-        pytest.skip("name-based option")
+@pytest.mark.parametrize("case", UNNAMED_CASES, ids=case_ids(UNNAMED_CASES))
+def test_params_as_tensors_groups_or_named_pairs_agree(case: OptimizerCase) -> None:
     outcomes = []
     for form in ("tensors", "named", "groups"):
         params = named_params()
@@ -62,9 +77,23 @@ def test_params_as_tensors_groups_or_named_pairs_agree(name: str, cls: type, kwa
             arg = params
         else:
             arg = [{"params": [p for _, p in params[:2]]}, {"params": [p for _, p in params[2:]]}]
-        outcomes.append(run(cls(arg, **kwargs), params, gradients(params, 3)))
+        outcomes.append(run(case.build(arg), params, gradients(params, 3)))
     for tensors, named, groups in zip(*outcomes):
         assert torch.equal(tensors, named) and torch.equal(tensors, groups)
+
+
+@pytest.mark.parametrize("case", FACTORED_CASES, ids=case_ids(FACTORED_CASES))
+def test_a_factored_matrix_keeps_row_and_column_state_only(case: OptimizerCase) -> None:
+    """API.md section 1: the second moment of a factored matrix is O(rows + cols), never O(rows * cols)."""
+    cols = case.kwargs.get("min_dim_size_to_factor", 128)
+    rows = cols + 3
+    w = torch.nn.Parameter(torch.randn(rows, cols, dtype=torch.float64))
+    opt = case.build([("dense.kernel", w)])
+    w.grad = torch.randn(rows, cols, dtype=torch.float64)
+    opt.step()
+    first_moment = rows * cols if case.kwargs.get("beta1") else 0
+    sizes = {key: value.numel() for key, value in opt.state[w].items() if isinstance(value, torch.Tensor)}
+    assert sum(sizes.values()) <= first_moment + rows + cols + 8, sizes  # + a few scalars (step, ...)
 
 
 def test_per_group_hyperparameters() -> None:
@@ -86,11 +115,11 @@ def test_adam_matches_torch_adam_float32_fast_path() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,cls,kwargs", [c for c in OPTIMIZER_CASES if c[1] is not danlu.LazyAdam], ids=[c[0] for c in OPTIMIZER_CASES if c[1] is not danlu.LazyAdam])
-def test_sparse_gradient_is_rejected_before_anything_changes(name: str, cls: type, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", DENSE_ONLY_CASES, ids=case_ids(DENSE_ONLY_CASES))
+def test_sparse_gradient_is_rejected_before_anything_changes(case: OptimizerCase) -> None:
     emb = torch.nn.Embedding(5, 3, sparse=True)
     dense = torch.nn.Linear(3, 2)
-    opt = cls([("emb.weight", emb.weight), *dense.named_parameters()], **kwargs)
+    opt = case.build([("emb.weight", emb.weight), *dense.named_parameters()])
     before = [p.detach().clone() for p in (emb.weight, *dense.parameters())]
     dense(emb(torch.tensor([1, 2]))).sum().backward()
     with pytest.raises(ValueError, match="sparse") as error:

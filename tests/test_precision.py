@@ -9,22 +9,13 @@ import pytest
 import torch
 
 import danlu
+from cases import OptimizerCase, base_cases, case_ids, one_per_class
 from danlu._precision import stochastic_round_bf16
 
-BASES: list[tuple[type, dict[str, Any]]] = [
-    (danlu.SGD, dict(lr=0.05, momentum=0.9)),
-    (danlu.Adagrad, dict(lr=0.1)),
-    (danlu.Adadelta, dict(lr=1.0)),
-    (danlu.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
-    (danlu.Adam, dict(lr=0.01)),
-    (danlu.NAdam, dict(lr=0.01)),
-    (danlu.RAdam, dict(lr=0.01)),
-    (danlu.Adafactor, dict(lr=0.01, min_dim_size_to_factor=2, beta1=0.5)),
-    (danlu.Lion, dict(lr=0.01)),
-    (danlu.LazyAdam, dict(lr=0.01)),
-]
-IDS = [cls.__name__ for cls, _ in BASES]
 DERIVED = "+gradient_accumulation+lookahead+ema"
+STACKABLE = [case for case in one_per_class(base_cases()) if not set(case.holds) & {"gradient_accumulation", "lookahead", "ema"}]
+CLASSES = one_per_class()
+BASE_CLASSES = one_per_class(base_cases())  # the rounded-once law is the base update's; derived classes add their own writes
 
 
 def params(dtype: torch.dtype, seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
@@ -50,24 +41,24 @@ def float_state_dtypes(opt: torch.optim.Optimizer) -> set[torch.dtype]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cls,kwargs", BASES, ids=IDS)
-def test_16_bit_parameters_have_float32_state(cls: type, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case", STACKABLE, ids=case_ids(STACKABLE))
+def test_16_bit_parameters_have_float32_state(case: OptimizerCase, dtype: torch.dtype) -> None:
     pairs = params(dtype)
     derived = danlu.extend_with_exponential_moving_average(
-        danlu.extend_with_lookahead(danlu.extend_with_gradient_accumulation(cls))
+        danlu.extend_with_lookahead(danlu.extend_with_gradient_accumulation(case.cls))
     )
-    opt = derived(pairs, **kwargs, steps_per_slow_update=2)
+    opt = derived(pairs, **case.kwargs, steps_per_slow_update=2)
     run(opt, pairs, range(6))
     assert float_state_dtypes(opt) == {torch.float32}
     assert all(p.dtype == dtype and torch.isfinite(p).all() for _, p in pairs)
 
 
-@pytest.mark.parametrize("cls,kwargs", BASES, ids=IDS)
-def test_bf16_step_is_the_float32_step_rounded_once(cls: type, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", BASE_CLASSES, ids=case_ids(BASE_CLASSES))
+def test_bf16_step_is_the_float32_step_rounded_once(case: OptimizerCase) -> None:
     """bf16 parameters with float32 state = float32 parameters rounded to bf16 after every step."""
     low = params(torch.bfloat16)
     high = [(n, torch.nn.Parameter(p.detach().float())) for n, p in low]
-    opt_low, opt_high = cls(low, **kwargs), cls(high, **kwargs)
+    opt_low, opt_high = case.build(low), case.build(high)
     for call in range(5):
         for (_, p), (_, q), g in zip(low, high, grads(low, call)):
             p.grad, q.grad = g, g.float()
@@ -117,10 +108,10 @@ def test_state_dtype_per_group() -> None:
         (dict(stochastic_rounding=None), TypeError, "stochastic_rounding"),
     ],
 )
-@pytest.mark.parametrize("cls", [danlu.Adam, danlu.SGD, danlu.Adafactor, danlu.Lamb])
-def test_bad_precision_options(cls: type, kwargs: dict[str, Any], error: type, name: str) -> None:
+@pytest.mark.parametrize("case", CLASSES, ids=case_ids(CLASSES))
+def test_bad_precision_options(case: OptimizerCase, kwargs: dict[str, Any], error: type, name: str) -> None:
     with pytest.raises(error, match=name):
-        cls(params(torch.float32), **kwargs)
+        case.build(params(torch.float32), **kwargs)
 
 
 # ------------------------------------------------------------------------------ stochastic rounding

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import danlu
+from cases import DERIVATION_CASES, FOREIGN_CASES, OPTIMIZER_CASES
 from danlu._host import DerivationHost
 from danlu.schedules import piecewise_linear
 
@@ -23,37 +24,18 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-BASES: dict[str, dict[str, Any]] = {
-    "sgd": dict(lr=0.1),
-    "sgdm": dict(lr=0.05),
-    "nag": dict(lr=0.05),
-    "adagrad": dict(lr=0.1),
-    "adadelta": dict(lr=1.0),
-    "rmsprop": dict(lr=0.01, centered=True, momentum=0.5),
-    "adam": dict(lr=0.01),
-    "adamw": dict(lr=0.01),
-    "nadam": dict(lr=0.01),
-    "radam": dict(lr=0.01),
-    "adafactor": dict(lr=0.01, min_dim_size_to_factor=2, beta1=0.5),
-    "lion": dict(lr=0.01),
-    "lamb": dict(lr=0.01),
-    "lazyadam": dict(lr=0.01),
-    "torch.Adam": dict(lr=0.01),
-    "torch.SGD": dict(lr=0.05, momentum=0.9),
-}
-DERIVATIONS: dict[str, dict[str, Any]] = {
-    "weight_decay": dict(weight_decay_rate=0.1),
-    "layer_adaptation": {},
-    "piecewise_linear_lr": dict(lr_schedule={0: 0.3, 3: 1.0}),
-    "gradient_accumulation": dict(grad_accum_steps=2),
-    "lookahead": dict(steps_per_slow_update=2),
+ROWS = {case.spec: case for case in OPTIMIZER_CASES + FOREIGN_CASES if case.spec}
+"""One row per create_optimizer base name (and a few torch.optim bases), from the tables."""
+BASES: dict[str, dict[str, Any]] = {spec: dict(case.kwargs) for spec, case in ROWS.items()}
+# the drawn models name their tensors p0, p1, ...: the name-matching options match those
+NAMED_OPTIONS: dict[str, dict[str, Any]] = {
     "lazy": dict(include_in_lazy_optimization=["p0"]),
-    "ema": dict(ema_momentum=0.7),
     "paramwise_lr": dict(paramwise_lr_schedule={"p1": 0.5}),
-    "skip_nonfinite": {},
+    "piecewise_linear_lr": dict(lr_schedule={0: 0.3, 3: 1.0}),
 }
+DERIVATIONS: dict[str, dict[str, Any]] = {case.id: {**case.kwargs, **NAMED_OPTIONS.get(case.id, {})} for case in DERIVATION_CASES}
 # the ready-made optimizers already hold some derivations
-HELD = {"adamw": {"weight_decay"}, "lamb": {"weight_decay", "layer_adaptation"}}
+HELD = {spec: set(case.holds) for spec, case in ROWS.items()}
 
 shapes = st.lists(
     st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=2, max_size=4
@@ -302,7 +284,8 @@ def test_a_failed_step_leaves_parameters_lr_and_state_as_they_were(
 ) -> None:
     spec, kwargs = stack
     if failure == "sparse_gradient":
-        assume(not spec.startswith(("lazyadam", "torch.")))  # those take sparse gradients
+        row = ROWS[spec.split("+")[0]]
+        assume(not row.supports_sparse and not row.foreign)  # those take sparse gradients, or are not danlu's
     if failure == "ema_applied":
         assume("+ema" in spec)
         calls = max(calls, 2)

@@ -9,18 +9,15 @@ import pytest
 import torch
 
 import danlu
-from test_derivations import BY_NAME, derive
+from cases import DERIVATION_CASES, OPTIMIZERS, derive
 
 STOPS = (1, 2, 4, 5, 7)  # mid accumulation cycle, between Lookahead syncs, right after one
 CALLS = 9
-MATRIX = [[name] for name in BY_NAME] + [
+MATRIX = [[case.id] for case in DERIVATION_CASES] + [
     ["gradient_accumulation", "piecewise_linear_lr", "weight_decay", "layer_adaptation", "lookahead", "ema"],
 ]
-BASES = {
-    "danlu.Adam": (danlu.Adam, dict(lr=0.02)),
-    "danlu.Adafactor": (danlu.Adafactor, dict(lr=None, beta1=0.9, min_dim_size_to_factor=4)),
-    "torch.optim.AdamW": (torch.optim.AdamW, dict(lr=0.02, weight_decay=0.0)),
-}
+BASES = {name: (OPTIMIZERS[name].cls, dict(OPTIMIZERS[name].kwargs)) for name in ("adam", "adafactor_relative_step_momentum", "torch.AdamW")}
+BASES["torch.AdamW"][1]["weight_decay"] = 0.0  # the matrix's weight_decay derivation decays instead
 
 
 def model_and_batches(seed: int = 0) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -6,12 +6,14 @@ import io
 import math
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 import danlu
+from cases import DERIVATION_CASES, derivation_error_inputs, error_inputs
 
 
 def params() -> list[tuple[str, torch.nn.Parameter]]:
@@ -19,70 +21,11 @@ def params() -> list[tuple[str, torch.nn.Parameter]]:
 
 
 BAD_CONSTRUCTOR_ARGS: list[tuple[type, dict[str, Any], type, str]] = [
-    (danlu.SGD, dict(lr=-0.1), ValueError, "lr"),
-    (danlu.SGD, dict(lr=math.nan), ValueError, "lr"),
-    (danlu.SGD, dict(lr=math.inf), ValueError, "lr"),
-    (danlu.SGD, dict(lr="0.1"), TypeError, "lr"),
-    (danlu.SGD, dict(lr=0.1, momentum=-0.9), ValueError, "momentum"),
-    (danlu.SGD, dict(lr=0.1, dampening=-1), ValueError, "dampening"),
-    (danlu.SGD, dict(lr=0.1, nesterov=True), ValueError, "nesterov"),
-    (danlu.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "nesterov"),
-    (danlu.SGD, dict(lr=0.1, nesterov="yes"), TypeError, "nesterov"),
-    (danlu.Adagrad, dict(eps=-1e-10), ValueError, "eps"),
-    (danlu.Adagrad, dict(initial_accumulator_value=-0.1), ValueError, "initial_accumulator_value"),
-    (danlu.Adadelta, dict(rho=1.5), ValueError, "rho"),
-    (danlu.Adadelta, dict(rho=-0.1), ValueError, "rho"),
-    (danlu.Adadelta, dict(eps=-1.0), ValueError, "eps"),
-    (danlu.RMSprop, dict(alpha=-0.5), ValueError, "alpha"),
-    (danlu.RMSprop, dict(momentum=-0.5), ValueError, "momentum"),
-    (danlu.RMSprop, dict(centered=1), TypeError, "centered"),
-    (danlu.Adam, dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
-    (danlu.Adam, dict(betas=(0.9, -0.1)), ValueError, "betas[1]"),
-    (danlu.Adam, dict(betas=(0.9,)), ValueError, "betas"),
-    (danlu.Adam, dict(betas=0.9), TypeError, "betas"),
-    (danlu.Adam, dict(betas=(0.9, "x")), TypeError, "betas[1]"),
-    (danlu.Adam, dict(eps=-1e-6), ValueError, "eps"),
-    (danlu.Adam, dict(bias_correction="no"), TypeError, "bias_correction"),
-    (danlu.Adam, dict(foreach=1), TypeError, "foreach"),
-    (danlu.NAdam, dict(momentum_decay=-1.0), ValueError, "momentum_decay"),
-    (danlu.RAdam, dict(betas=(0.9, 1.0)), ValueError, "betas[1]"),
-    (danlu.Lion, dict(betas=(0.9, 1.2)), ValueError, "betas[1]"),
-    (danlu.Adafactor, dict(lr=-1.0), ValueError, "lr"),
-    (danlu.Adafactor, dict(beta1=1.0), ValueError, "beta1"),
-    (danlu.Adafactor, dict(beta2=1.0), ValueError, "beta2"),
-    (danlu.Adafactor, dict(eps1=-1.0), ValueError, "eps1"),
-    (danlu.Adafactor, dict(eps2=-1.0), ValueError, "eps2"),
-    (danlu.Adafactor, dict(clipping_threshold=0.0), ValueError, "clipping_threshold"),
-    (danlu.Adafactor, dict(min_dim_size_to_factor=-1), ValueError, "min_dim_size_to_factor"),
-    (danlu.Adafactor, dict(min_dim_size_to_factor=2.5), TypeError, "min_dim_size_to_factor"),
-    (danlu.Adafactor, dict(multiply_by_parameter_scale=None), TypeError, "multiply_by_parameter_scale"),
-    (danlu.Adafactor, dict(exclude_from_parameter_scale=["("]), ValueError, "exclude_from_parameter_scale"),
-    (danlu.LazyAdam, dict(lr=-1.0), ValueError, "lr"),
+    (cls, dict(bad.kwargs), bad.error, bad.names) for cls, bad in error_inputs()
 ]
 
-BAD_DERIVATION_ARGS: list[tuple[str, dict[str, Any], type, str]] = [
-    ("extend_with_weight_decay", dict(weight_decay_rate=-0.01), ValueError, "weight_decay_rate"),
-    ("extend_with_weight_decay", dict(weight_decay_rate="0.1"), TypeError, "weight_decay_rate"),
-    ("extend_with_weight_decay", dict(exclude_from_weight_decay=["[unclosed"]), ValueError, "exclude_from_weight_decay"),
-    ("extend_with_weight_decay", dict(exclude_from_weight_decay=[3]), TypeError, "exclude_from_weight_decay"),
-    ("extend_with_layer_adaptation", dict(exclude_from_layer_adaptation=["*"]), ValueError, "exclude_from_layer_adaptation"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule={}), ValueError, "lr_schedule"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule=[(0, 1)]), TypeError, "lr_schedule"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule={-1: 1.0}), ValueError, "lr_schedule"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule={1.5: 1.0}), TypeError, "lr_schedule"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule={10: -1.0}), ValueError, "lr_schedule"),
-    ("extend_with_piecewise_linear_lr", dict(lr_schedule={10: math.inf}), ValueError, "lr_schedule"),
-    ("extend_with_gradient_accumulation", dict(grad_accum_steps=0), ValueError, "grad_accum_steps"),
-    ("extend_with_gradient_accumulation", dict(grad_accum_steps=2.0), TypeError, "grad_accum_steps"),
-    ("extend_with_lookahead", dict(steps_per_slow_update=0), ValueError, "steps_per_slow_update"),
-    ("extend_with_lookahead", dict(slow_step_size=0.0), ValueError, "slow_step_size"),
-    ("extend_with_lookahead", dict(slow_step_size=1.5), ValueError, "slow_step_size"),
-    ("extend_with_lazy_optimization", dict(include_in_lazy_optimization=["(?P<"]), ValueError, "include_in_lazy_optimization"),
-    ("extend_with_exponential_moving_average", dict(ema_momentum=1.0), ValueError, "ema_momentum"),
-    ("extend_with_exponential_moving_average", dict(ema_momentum=-0.1), ValueError, "ema_momentum"),
-    ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={"dense": -2.0}), ValueError, "paramwise_lr_schedule"),
-    ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={"dense": math.nan}), ValueError, "paramwise_lr_schedule"),
-    ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={1: 2.0}), TypeError, "paramwise_lr_schedule"),
+BAD_DERIVATION_ARGS: list[tuple[Callable[[type], type], dict[str, Any], type, str]] = [
+    (case.factory, dict(bad.kwargs), bad.error, bad.names) for case, bad in derivation_error_inputs()
 ]
 
 
@@ -102,10 +45,12 @@ def test_bad_group_argument_names_the_argument(cls: type, kwargs: dict[str, Any]
         cls([{"params": [p for _, p in params()], **kwargs}], **good)
 
 
-@pytest.mark.parametrize("factory,kwargs,error,argument", BAD_DERIVATION_ARGS, ids=lambda v: str(v)[:50])
+@pytest.mark.parametrize("factory,kwargs,error,argument", BAD_DERIVATION_ARGS, ids=lambda v: getattr(v, "__name__", str(v))[:50])
 @pytest.mark.parametrize("base", [danlu.Adam, torch.optim.Adam], ids=["danlu", "torch"])
-def test_bad_derivation_argument_names_the_argument(factory: str, kwargs: dict[str, Any], error: type, argument: str, base: type) -> None:
-    cls = getattr(danlu, factory)(base)
+def test_bad_derivation_argument_names_the_argument(
+    factory: Callable[[type], type], kwargs: dict[str, Any], error: type, argument: str, base: type
+) -> None:
+    cls = factory(base)
     with pytest.raises(error, match=re.escape(argument)):
         cls(params(), lr=0.1, **kwargs)
     with pytest.raises(error, match=re.escape(argument)):
@@ -145,18 +90,22 @@ def test_a_parameter_in_two_groups_or_twice_in_one() -> None:
         danlu.Adam([w, w])
 
 
-@pytest.mark.parametrize(
-    "factory,kwargs,option",
-    [
-        ("extend_with_weight_decay", dict(exclude_from_weight_decay=["bias"]), "exclude_from_weight_decay"),
-        ("extend_with_layer_adaptation", dict(exclude_from_layer_adaptation=["Norm"]), "exclude_from_layer_adaptation"),
-        ("extend_with_lazy_optimization", dict(include_in_lazy_optimization=["emb"]), "include_in_lazy_optimization"),
-        ("extend_with_parameter_wise_lr", dict(paramwise_lr_schedule={"dense": 0.1}), "paramwise_lr_schedule"),
-    ],
-)
+NAME_OPTIONS = {d.name: d.name_options for d in danlu.derivations.ALL_DERIVATIONS}
+NAMED = [
+    (case.factory, {option: case.kwargs[option]}, option)
+    for case in DERIVATION_CASES
+    if case.needs_names
+    for option in NAME_OPTIONS[case.id]
+    if option in case.kwargs
+]
+
+
+@pytest.mark.parametrize("factory,kwargs,option", NAMED, ids=[option for _, _, option in NAMED])
 @pytest.mark.parametrize("base", [danlu.Adam, torch.optim.Adam], ids=["danlu", "torch"])
-def test_name_based_option_without_names_is_an_error(factory: str, kwargs: dict[str, Any], option: str, base: type) -> None:
-    cls = getattr(danlu, factory)(base)
+def test_name_based_option_without_names_is_an_error(
+    factory: Callable[[type], type], kwargs: dict[str, Any], option: str, base: type
+) -> None:
+    cls = factory(base)
     with pytest.raises(ValueError, match=f"{option} matches parameter names.*built without names"):
         cls([p for _, p in params()], lr=0.1, **kwargs)
 

@@ -7,6 +7,7 @@ from danlu.base import DanluOptimizer
 from danlu.derive import (
     extend_with_exponential_moving_average,
     extend_with_gradient_accumulation,
+    extend_with_gradient_clipping,
     extend_with_layer_adaptation,
     extend_with_lazy_optimization,
     extend_with_lookahead,
@@ -45,6 +46,7 @@ __all__ = [
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
+    "extend_with_gradient_clipping",
     "create_optimizer",
     "distributed",
 ]

@@ -37,11 +37,13 @@ class StepContext:
         applies: under ``torch.compile``, a 0-dim bool tensor where gradient accumulation decides
             whether this call applies a step (None: it does); see :class:`danlu._host._Gate`.
         gate_exempt: ids of the tensors that a call which does not apply keeps as written (the buffers).
+        dropped: whether a gradient hook dropped this step (nothing else changed).
     """
 
     __slots__ = (
         "applies",
         "cleanup",
+        "dropped",
         "fused_after",
         "gate_exempt",
         "host",
@@ -61,6 +63,7 @@ class StepContext:
         self.cleanup: list[Any] = []
         self.applies: Tensor | None = None
         self.gate_exempt: set[int] = set()
+        self.dropped = False
 
     def gradient(self, p: Tensor) -> Tensor | None:
         """The gradient the base step uses for ``p``, before any scale (``p.grad`` unless replaced)."""

@@ -139,6 +139,8 @@ class DerivationHost(torch.optim.Optimizer):
                 failed = False
                 return
             if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+                ctx.dropped = True  # nothing is applied; an accumulation cycle is consumed (its buffers cleared)
+                self._count(CALLS)
                 failed = False
                 return
             ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
@@ -182,6 +184,8 @@ class DerivationHost(torch.optim.Optimizer):
             derivation.accumulate(self, ctx)  # under tracing it never withholds: it sets ctx.applies
         gate = _Gate(self, ctx) if ctx.applies is not None else None
         if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+            ctx.dropped = True  # as in the eager step; the gate is not closed: nothing but the buffers was written
+            self._count(CALLS)
             ctx.finish(False)
             return
         ctx.lr_scales = [_product([d.lr_multiplier(g) for d in derivations]) for g in self.param_groups]

@@ -25,6 +25,7 @@ from danlu.derivations import (
     Derivation,
     ExponentialMovingAverage,
     GradientAccumulation,
+    GradientClipping,
     LayerAdaptation,
     LazyOptimization,
     Lookahead,
@@ -47,6 +48,7 @@ __all__ = [
     "extend_with_exponential_moving_average",
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
+    "extend_with_gradient_clipping",
 ]
 
 
@@ -405,6 +407,25 @@ def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> 
     return extend_with(BaseOptimizer, SkipNonfinite(), name)
 
 
+def extend_with_gradient_clipping(BaseOptimizer: type, name: str | None = None) -> type:
+    """Clip the gradient each applied step uses: ``global_clipnorm``, ``clipnorm`` or ``clipvalue`` (Keras).
+
+    Keyword arguments: ``global_clipnorm=None``, ``clipnorm=None``, ``clipvalue=None`` (exactly one).
+    ``opt.grad_norm`` is the global norm before clipping of the last applied step. See
+    :class:`danlu.derivations.GradientClipping`.
+
+    Example:
+        >>> import torch, danlu
+        >>> Clipped = danlu.extend_with_gradient_clipping(danlu.AdamW)
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> opt = Clipped([w], lr=1e-3, global_clipnorm=1.0)
+        >>> w.grad = torch.full((3,), 10.0); _ = opt.step()
+        >>> round(opt.grad_norm.item(), 3)
+        17.321
+    """
+    return extend_with(BaseOptimizer, GradientClipping(), name)
+
+
 assert {d.name for d in ALL_DERIVATIONS} == {
     WeightDecay.name,
     LayerAdaptation.name,
@@ -415,4 +436,5 @@ assert {d.name for d in ALL_DERIVATIONS} == {
     ExponentialMovingAverage.name,
     ParameterWiseLR.name,
     SkipNonfinite.name,
+    GradientClipping.name,
 }

@@ -59,6 +59,7 @@ _DERIVATIONS: dict[str, Callable[[type], type]] = {
     "ema": derive.extend_with_exponential_moving_average,
     "paramwise_lr": derive.extend_with_parameter_wise_lr,
     "skip_nonfinite": derive.extend_with_skip_nonfinite,
+    "clip": derive.extend_with_gradient_clipping,
 }
 
 _ALIASES = {
@@ -76,6 +77,7 @@ _ALIASES = {
     "parameter_wise_lr": "paramwise_lr",
     "nonfinite": "skip_nonfinite",
     "skip_nan": "skip_nonfinite",
+    "gradient_clipping": "clip",
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)

@@ -3,6 +3,7 @@
 from danlu.derivations._base import Derivation
 from danlu.derivations.exponential_moving_average import ExponentialMovingAverage
 from danlu.derivations.gradient_accumulation import GradientAccumulation
+from danlu.derivations.gradient_clipping import GradientClipping
 from danlu.derivations.layer_adaptation import LayerAdaptation
 from danlu.derivations.lazy_optimization import LazyOptimization
 from danlu.derivations.lookahead import Lookahead
@@ -21,6 +22,7 @@ ALL_DERIVATIONS: tuple[Derivation, ...] = (
     ExponentialMovingAverage(),
     ParameterWiseLR(),
     SkipNonfinite(),
+    GradientClipping(),
 )
 """One instance of every derivation, in the order of the contract's table (then danlu's additions)."""
 
@@ -36,4 +38,5 @@ __all__ = [
     "ExponentialMovingAverage",
     "ParameterWiseLR",
     "SkipNonfinite",
+    "GradientClipping",
 ]

@@ -12,6 +12,7 @@ from danlu._validate import check_int
 from danlu.derivations._base import Derivation
 
 if TYPE_CHECKING:
+    from danlu._context import StepContext
     from danlu._host import DerivationHost
 
 __all__ = ["SkipNonfinite", "SKIPS", "CONSECUTIVE_SKIPS"]
@@ -70,10 +71,17 @@ class SkipNonfinite(Derivation):
         groups = host.param_groups
         grads: list[Tensor] = [p.grad for g in groups for p in g["params"] if p.grad is not None]
         if all_finite(grads, sync_group(host)):
-            for group in groups:
-                if group.get(CONSECUTIVE_SKIPS):
-                    group[CONSECUTIVE_SKIPS] = 0
             return False
+        self.count_skip(host)
+        return True
+
+    def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:
+        ctx.cleanup.append(lambda failed: None if failed or ctx.dropped else _reset_consecutive(host))
+        return True
+
+    def count_skip(self, host: DerivationHost) -> None:
+        """Count a dropped call (also one that another derivation drops for a non-finite value), or raise past the limit."""
+        groups = host.param_groups
         limit = groups[0]["max_consecutive_skips"]
         consecutive = groups[0].get(CONSECUTIVE_SKIPS, 0)
         if limit is not None and consecutive >= limit:
@@ -84,4 +92,9 @@ class SkipNonfinite(Derivation):
         for group in groups:
             group[SKIPS] = group.get(SKIPS, 0) + 1
             group[CONSECUTIVE_SKIPS] = group.get(CONSECUTIVE_SKIPS, 0) + 1
-        return True
+
+
+def _reset_consecutive(host: DerivationHost) -> None:
+    for group in host.param_groups:
+        if group.get(CONSECUTIVE_SKIPS):
+            group[CONSECUTIVE_SKIPS] = 0
