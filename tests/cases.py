@@ -364,6 +364,16 @@ DERIVATION_CASES: list[DerivationCase] = [
         ),
     ),
     DerivationCase(
+        "clip", D.extend_with_gradient_clipping, dict(global_clipnorm=0.5),
+        error_inputs=(
+            _e(ValueError, "global_clipnorm", global_clipnorm=0.0),
+            _e(ValueError, "global_clipnorm", global_clipnorm=math.inf),
+            _e(ValueError, "clipnorm", clipnorm=-1.0),
+            _e(TypeError, "clipvalue", clipvalue="1"),
+            _e(ValueError, "global_clipnorm, clipvalue", global_clipnorm=1.0, clipvalue=1.0),
+        ),
+    ),
+    DerivationCase(
         "skip_nonfinite", D.extend_with_skip_nonfinite, {},
         error_inputs=(
             _e(ValueError, "max_consecutive_skips", max_consecutive_skips=0),

@@ -46,3 +46,36 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With DANLU_REQUIRE_NATIVE=1 (CI), stop before any test when the native kernels do not load.
+
+    Without them every optimizer falls back to the pure-PyTorch path and almost every test still passes,
+    so nothing else would show that the fast path is gone.
+    """
+    if os.environ.get("DANLU_REQUIRE_NATIVE") != "1":
+        return
+    from danlu import _native
+
+    if _native.load() is None:
+        status = _native.status()
+        pytest.exit(f"DANLU_REQUIRE_NATIVE=1 but the native kernels did not load: {status['error'] or status}", returncode=1)
+
+
+def _log_skip(nodeid: str) -> None:
+    """Append a skipped test or module to $DANLU_SKIPPED_LOG (.ci/run reruns them where every extra is installed)."""
+    path = os.environ.get("DANLU_SKIPPED_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(nodeid + "\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _log_skip(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _log_skip(report.nodeid)

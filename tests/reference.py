@@ -102,6 +102,8 @@ def simulate(
                 continue
             g = {n: buffers[n] / k for n in g}
             buffers = {n: torch.zeros_like(p) for n, p in params.items()}
+        if "clip" in names:
+            g = _clip(options, g)
         lr_t = base.lr * (piecewise(applied, options["lr_schedule"]) if "piecewise_linear_lr" in names else 1.0)
         for n, p_old in params.items():
             d = base.step(n, p_old, g[n], lr_t) - p_old
@@ -120,6 +122,19 @@ def simulate(
                     ema[n] = m * ema[n] + (1 - m) * params[n]
         history.append({n: p.clone() for n, p in params.items()})
     return history, (ema if "ema" in names else None), applied
+
+
+def _clip(o: dict[str, Any], g: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keras' clipping of the gradient the applied step uses (after accumulation's mean)."""
+    if o.get("global_clipnorm") is not None:
+        c = o["global_clipnorm"]
+        norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
+        return {n: t * (c / max(norm, c)) for n, t in g.items()}
+    if o.get("clipnorm") is not None:
+        c = o["clipnorm"]
+        return {n: t * (c / max(float(t.norm()), c)) for n, t in g.items()}
+    c = o["clipvalue"]
+    return {n: t.clamp(-c, c) for n, t in g.items()}
 
 
 def _search(patterns: Any, name: str) -> bool:

@@ -34,19 +34,28 @@ def test_digits_tiny_end_to_end(digits_report: danlu.arena.ArenaResult) -> None:
     for name in ("report.html", "summary.md", "curves.csv", "results.json",
                  "plots/curves_vs_step.png", "plots/curves_vs_time.png", "plots/lr_sensitivity.png"):
         assert (out / name).is_file(), name
-    # 3 optimizers x 2 lrs in the sweep, plus 1 more seed each at the chosen lr.
-    assert len(result.records) == 9
+    # Every optimizer's sweep (the 2-point grid, grown at an edge), plus 1 more seed each at the chosen lr.
+    assert len(result.records) == sum(len(row.sweep) for row in result.rows) + 3
     assert not result.interrupted
     assert {row.spec for row in result.rows} == {"adamw", "sgdm", "adamw+ema"}
     for row in result.rows:
         assert row.complete
-        assert row.lr in sweep_lrs(row.spec, (0.3, 1.0), DigitsTask.lr_scale)
+        base = sweep_lrs(row.spec, (0.3, 1.0), DigitsTask.lr_scale)
+        assert set(base) <= {p.lr for p in row.sweep} and len(row.sweep) <= len(base) + 2
+        assert row.lr in {p.lr for p in row.sweep}
         assert len(row.runs) == 2 and {run.seed for run in row.runs} == {0, 1}
         assert 0.0 <= row.metric_mean <= 1.0
-        assert row.step_time_ms > 0
+        assert row.step_time_ms > 0 and row.timing is not None
     data = json.loads((out / "results.json").read_text())
     assert {entry["optimizer"] for entry in data["summary"]} == {"adamw", "sgdm", "adamw+ema"}
-    assert len(data["runs"]) == 9
+    assert len(data["runs"]) == len(result.records)
+    pick = result.recommendation
+    assert pick is not None and pick.spec == result.rows[0].spec
+    assert data["recommendation"]["optimizer"] == pick.spec and data["recommendation"]["lr"] == pick.lr
+    assert data["recommendation"]["tied"] == pick.tied
+    for entry in data["summary"]:
+        assert {"optimizer", "chosen_lr", "metric_mean"} <= set(entry)
+    assert f"Recommendation: {pick.spec} at lr {pick.lr:.3g}" in (out / "summary.md").read_text()
     with (out / "curves.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["curve"] for r in rows} == {"train", "val"}
@@ -55,7 +64,8 @@ def test_digits_tiny_end_to_end(digits_report: danlu.arena.ArenaResult) -> None:
 
 def test_report_html_is_self_contained(digits_report: danlu.arena.ArenaResult) -> None:
     page = (digits_report.config.out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
+    assert page.index('id="recommendation"') < page.index('id="results"')
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert 'id="results"' in page and 'id="sensitivity"' in page
     for spec in ("adamw", "sgdm", "adamw+ema"):
@@ -69,7 +79,12 @@ def test_optimizer_state_bytes_are_measured(digits_report: danlu.arena.ArenaResu
     # SGD with momentum keeps one buffer (4 bytes/param in float32), AdamW two, AdamW+EMA three.
     assert rows["sgdm"].state_bytes_per_param == pytest.approx(4, abs=0.1)
     assert rows["adamw"].state_bytes_per_param == pytest.approx(8, abs=0.1)
-    assert rows["adamw+ema"].state_bytes_per_param > rows["adamw"].state_bytes_per_param
+    params = rows["adamw"].runs[0].n_params
+    assert params == 64 * 64 + 64 + 64 * 10 + 10
+    # exact: one float32 buffer per parameter more for AdamW's second moment, and again for EMA's shadow weights
+    adamw, sgdm, ema = rows["adamw"].state_bytes, rows["sgdm"].state_bytes, rows["adamw+ema"].state_bytes
+    assert adamw is not None and sgdm is not None and ema is not None
+    assert adamw - sgdm == 4 * params and ema - adamw == 4 * params
 
 
 def test_same_seed_same_data_order_and_init() -> None:
@@ -117,7 +132,7 @@ def test_interrupt_keeps_finished_runs_and_resumes(tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    options = dict(optimizers="adam,sgdm", steps=10, seeds=2, lr_grid="1", out=tmp_path, progress=False)
+    options = dict(optimizers="adam,sgdm", steps=10, seeds=2, lr_grid="1", out=tmp_path, progress=False, workers=1)
     monkeypatch.setattr(arena_module, "train_run", interrupt_on_third)
     stopped = danlu.arena.run_task("digits", **options)
     assert stopped.interrupted

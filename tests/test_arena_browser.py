@@ -85,7 +85,7 @@ def test_dom_has_the_table_rows(report: Path, tmp_path: Path) -> None:
     assert sorted(row[1] for row in parser.rows) == sorted(ROSTER)
     for row in parser.rows:
         assert row[-2] == "2/2"  # every seed finished
-    assert done.stdout.count("<img") == 3
+    assert done.stdout.count("<img") == 4
 
 
 def test_screenshot_shows_the_plots(report: Path, tmp_path: Path) -> None:
@@ -98,3 +98,23 @@ def test_screenshot_shows_the_plots(report: Path, tmp_path: Path) -> None:
     assert not_white > 0.05, f"the page looks blank ({not_white:.1%} non-white pixels)"
     assert coloured > 0.002, f"no plot lines visible ({coloured:.2%} coloured pixels)"
     assert len(np.unique(pixels, axis=0)) > 100
+
+
+PICK_BACKGROUND = (233, 246, 236)  # the recommendation box's fill (#e9f6ec in the page's CSS)
+
+
+def test_recommendation_is_above_the_fold(report: Path, tmp_path: Path) -> None:
+    """On a 1280x720 window, before any scrolling, the recommendation box is on screen and names the pick."""
+    shot = tmp_path / "fold.png"
+    done = _browser([f"--screenshot={shot}", "--window-size=1280,720", report.as_uri()], tmp_path / "profile")
+    assert shot.is_file(), done.stderr[-2000:]
+    image = np.asarray(PIL.open(shot).convert("RGB"), dtype=np.int16)
+    assert image.shape[:2] == (720, 1280)
+    box = np.all(np.abs(image - np.array(PICK_BACKGROUND)) <= 2, axis=2)
+    rows = np.nonzero(box.any(axis=1))[0]
+    assert box.mean() > 0.02, f"the recommendation box covers {box.mean():.1%} of the first screen"
+    assert rows.max() < 720 and rows.min() < 300, f"box spans rows {rows.min()}-{rows.max()}"
+    dom = _browser(["--dump-dom", report.as_uri()], tmp_path / "profile2").stdout
+    start = dom.index('id="recommendation"')
+    assert start < dom.index('id="results"')
+    assert "Recommendation: " in dom[start:start + 400]

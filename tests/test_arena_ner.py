@@ -99,7 +99,11 @@ def test_ner_zh_tiny_end_to_end(tmp_path: Path, head: str) -> None:
         optimizers="adamw,sgdm", steps=12, seeds=1, lr_grid="1", eval_every=6, out=tmp_path, progress=False,
     )
     assert len(result.records) == 2
+    assert all(0.0 <= record.val_metric <= 1.0 for record in result.records)
     for row in result.rows:
-        assert row.complete and 0.0 <= row.metric_mean <= 1.0
+        (point,) = row.sweep
+        # 12 steps may find no entity yet: F1 within 0.01 of 0 is chance for tagging, and never chosen
+        assert point.stuck == (point.val_metric <= 0.01)
+        assert row.complete == (not point.stuck)
     page = (tmp_path / "report.html").read_text()
     assert "entity F1" in page and "People" in page

@@ -105,11 +105,40 @@ def test_sentiment_without_data_says_how_to_fetch_it(tmp_path: Path, capsys: pyt
     assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in err
 
 
-def test_bad_integer_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+ARGPARSE_MISTAKES = [
+    (["arena", "--steps", "ten"], "danlu arena: error: argument --steps: expected an integer, got 'ten' (see danlu arena --help)"),
+    (["arena", "--task"], "danlu arena: error: argument --task: expected one argument (see danlu arena --help)"),
+    (["arena", "--stepz", "3"], "danlu: error: unrecognized arguments: --stepz 3 (see danlu --help)"),
+    (["arean"], "danlu: error: argument COMMAND: invalid choice: 'arean' (choose from 'arena', 'list', 'bench') "
+                "(see danlu --help)"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), ARGPARSE_MISTAKES, ids=[" ".join(a) for a, _ in ARGPARSE_MISTAKES])
+def test_a_command_line_mistake_is_one_line(args: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["arena", "--steps", "ten"])
+        main(args)
     assert exit_info.value.code == EXIT_USAGE
-    assert "expected an integer" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n"
+    assert captured.out == ""
+
+
+def test_zero_threads_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None) -> None:
+    assert main(["arena", "--threads", "0", "--quiet", "--out", str(tmp_path / "r")]) == EXIT_USAGE
+    assert capsys.readouterr().err == "danlu arena: error: threads must be >= 1, got 0 (torch runs on at least one CPU thread)\n"
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    import danlu
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"danlu {importlib.metadata.version('danlu')}\n"
+    assert danlu.__version__ == importlib.metadata.version("danlu")
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

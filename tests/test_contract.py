@@ -96,42 +96,9 @@ STACK_CASES: list[OptimizerCase] = [
 ]
 CONTRACT_CASES: list[OptimizerCase] = OPTIMIZER_CASES + STACK_CASES
 
-DEFECT_1 = "issue 12 defect 1: complex parameters are not updated as their view_as_real pairs"
-DEFECT_1_RAISES = "issue 12 defect 1: complex parameters raise NotImplementedError from inside the arithmetic"
-DEFECT_1_SILENT = "issue 12 defect 1: Adafactor steps a complex parameter (wrongly) instead of raising a ValueError"
-DEFECT_2 = "issue 12 defect 2: step hooks run twice per step for a derivation over a torch base"
-DEFECT_3 = "issue 12 defect 3: gradient accumulation writes into the caller's .grad"
-DEFECT_4 = "issue 12 defect 4: LazyAdam with an element-sparse gradient differs from the dense gradient (or raises)"
-DEFECT_5 = "issue 12 defect 5: LazyAdam on a channels_last parameter raises 'view size is not compatible'"
-DEFECT_6 = "issue 12 defect 6: derived classes do not pickle"
-NO_GRAD_STEP = "not in issue 12's list: a step() without gradients counts as a step (Lookahead syncs, EMA averages, accumulation applies)"
-DEEPCOPY_TORCH_BASE = "not in issue 12's list: deepcopy of a derived torch.optim base before its first applied step: KeyError 'step'"
 
-_COMPLEX_WRONG = ["adam", "adam_no_bias_correction", "nadam", "rmsprop", "rmsprop_momentum", "rmsprop_centered_momentum",
-                  "adagrad", "adadelta", "lazyadam", "adamw", "adam+weight_decay+lookahead", "adam+gradient_accumulation+piecewise_linear_lr",
-                  "adam+paramwise_lr+lazy+ema"]
-_DERIVED = [case.id for case in CONTRACT_CASES if case.derived]
-_ACCUMULATING = [case.id for case in CONTRACT_CASES if any(DERIVATIONS[name].accumulates for name in case.holds)]
-_ACTS_WITHOUT_GRADIENTS = [
-    case.id for case in CONTRACT_CASES if any(DERIVATIONS[name].accumulates or DERIVATIONS[name].has_after_step for name in case.holds)
-]
-
-KNOWN_FAILURES: dict[str, dict[str, tuple[str, type[BaseException]]]] = {
-    "complex": {
-        **dict.fromkeys(_COMPLEX_WRONG, (DEFECT_1, AssertionError)),
-        **dict.fromkeys(["lion", "lamb"], (DEFECT_1_RAISES, NotImplementedError)),
-        **dict.fromkeys(["adafactor", "adafactor_relative_step_momentum", "adafactor_excluded_scale"], (DEFECT_1_RAISES, NotImplementedError)),
-        "adafactor_no_clip_no_scale": (DEFECT_1_SILENT, pytest.fail.Exception),
-    },
-    "step_hooks": dict.fromkeys(["torch.SGD+weight_decay", "torch.AdamW+gradient_accumulation+ema"], (DEFECT_2, AssertionError)),
-    "grad_unchanged": dict.fromkeys(_ACCUMULATING, (DEFECT_3, AssertionError)),
-    "channels_last": {"lazyadam": (DEFECT_5, RuntimeError)},
-    "sparse_matrix": {"lazyadam": (DEFECT_4, AssertionError)},
-    "sparse_vector": {"lazyadam": (DEFECT_4, AssertionError)},
-    "pickle": dict.fromkeys(_DERIVED, (DEFECT_6, pickle.PicklingError)),
-    "no_grad_step": dict.fromkeys(_ACTS_WITHOUT_GRADIENTS, (NO_GRAD_STEP, AssertionError)),
-    "deepcopy": {"torch.AdamW+gradient_accumulation+ema": (DEEPCOPY_TORCH_BASE, KeyError)},
-}
+KNOWN_FAILURES: dict[str, dict[str, tuple[str, type[BaseException]]]] = {}
+"""Contract -> row id -> (reason, exception): cases that fail today, marked as strict expected failures."""
 
 
 def rows(contract: str, selected: list[OptimizerCase] | None = None) -> list[Any]:

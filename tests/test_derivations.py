@@ -18,6 +18,8 @@ COMPOSITIONS = [[case.id] for case in DERIVATION_CASES] + [
     ["gradient_accumulation", "piecewise_linear_lr", "lookahead", "ema"],
     ["paramwise_lr", "lazy", "weight_decay", "layer_adaptation", "lookahead"],
     ["ema", "lookahead", "weight_decay", "gradient_accumulation"],
+    ["gradient_accumulation", "clip", "weight_decay"],
+    ["clip", "gradient_accumulation", "lookahead"],
 ]
 TRANSFORMS = [[case.id] for case in DERIVATION_CASES if case.transforms_update] + [["weight_decay", "layer_adaptation"]]
 

@@ -95,8 +95,7 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 def test_version_changelog_and_package_agree():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     import danlu
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

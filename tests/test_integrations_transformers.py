@@ -138,3 +138,101 @@ def test_kwargs_from_args_for_torch_base(tmp_path):
         "lr": 1e-2, "weight_decay": 0.01, "betas": (0.8, 0.999), "eps": 1e-7,
     }
     assert optimizer_kwargs_from_args(args, "sgd") == {"lr": 1e-2}
+
+
+def _no_decay(name):
+    return "bias" in name or "LayerNorm" in name
+
+
+def test_trainer_groups_decay_as_torch_adamw_does(tmp_path):
+    """Trainer's groups say weight_decay (0.0 for biases and LayerNorm): danlu.AdamW reads it as weight_decay_rate."""
+    import warnings
+
+    import danlu
+
+    reference = _model()
+    transformers.Trainer(model=reference, args=_args(tmp_path / "torch"), train_dataset=_Data()).train()
+    model = _model()
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path / "danlu"), train_dataset=_Data(),
+        optimizer_cls_and_kwargs=(danlu.AdamW, {"lr": 1e-2, "eps": 1e-8}),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "decayed twice" in str(w.message)]
+    opt = unwrap_optimizer(trainer.optimizer)
+    assert [g["weight_decay_rate"] for g in opt.param_groups] == [0.01, 0.0]
+    assert all("weight_decay" not in g for g in opt.param_groups)
+    names = [n for n, _ in model.named_parameters()]
+    assert any(_no_decay(n) for n in names) and not all(_no_decay(n) for n in names)
+    initial = dict(_model().named_parameters())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert not torch.equal(p, initial[name]), name  # every tensor trained
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_danlu_optimizer_without_decay_refuses_a_decaying_trainer_group(tmp_path):
+    import danlu
+
+    trainer = transformers.Trainer(
+        model=_model(), args=_args(tmp_path), train_dataset=_Data(), optimizer_cls_and_kwargs=(danlu.Adam, {"lr": 1e-2}),
+    )
+    with pytest.raises(ValueError, match=r"^param group 0 has weight_decay=0.01, but Adam has no weight decay of its own"):
+        trainer.train()
+
+
+def _plain_eval_loss(model, tmp_path):
+    args = _args(tmp_path / "plain-eval")
+    return transformers.Trainer(model=model, args=args, eval_dataset=_Data()).evaluate()["eval_loss"]
+
+
+def test_ema_trainer_best_model_is_the_evaluated_averaged_weights(tmp_path):
+    """load_best_model_at_end: the best checkpoint is chosen by the EMA weights' loss, and the model ends with them."""
+    import danlu
+
+    model = _model()
+    args = _args(
+        tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", learning_rate=5e-2,
+    )
+    opt, sched = create_optimizer_and_scheduler(model, args, 6, "adamw+ema", ema_momentum=0.5)
+    data = _Data()
+    trainer = EMATrainer(model=model, args=args, train_dataset=data, eval_dataset=data, optimizers=(opt, sched))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    # the model holds the averaged weights of the best checkpoint, bias-corrected as they were evaluated
+    twin = transformers.BertForSequenceClassification.from_pretrained(best)
+    twin_opt = danlu.create_optimizer(twin, "adamw+ema", lr=5e-2, ema_momentum=0.5)
+    twin_opt.load_state_dict(torch.load(f"{best}/optimizer.pt", weights_only=True))
+    with twin_opt.ema_weights():
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p, q), name
+    assert _plain_eval_loss(model, tmp_path) == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
+
+
+def test_ema_trainer_refuses_best_model_without_optimizer_state(tmp_path):
+    model = _model()
+    args = _args(
+        tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, save_only_model=True,
+    )
+    with pytest.raises(ValueError, match="needs save_only_model=False"):
+        EMATrainer(model=model, args=args, train_dataset=_Data(), eval_dataset=_Data())
+
+
+def test_export_the_averaged_weights_with_save_pretrained(tmp_path):
+    model = _model()
+    args = _args(tmp_path, max_steps=3)
+    opt, sched = create_optimizer_and_scheduler(model, args, 3, "adamw+ema", ema_momentum=0.5)
+    trainer = EMATrainer(model=model, args=args, train_dataset=_Data(), optimizers=(opt, sched))
+    trainer.train()
+    with opt.ema_weights():
+        model.save_pretrained(tmp_path / "ema")
+        averaged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exported = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "ema")
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, averaged[name]), name
+    assert not all(torch.equal(p, averaged[n]) for n, p in model.named_parameters())  # the model trains on

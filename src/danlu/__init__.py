@@ -20,7 +20,19 @@ from danlu.factory import create_optimizer
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    """The version in the package's metadata; ``unknown`` for a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("danlu")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _installed_version()
+del _installed_version
 
 __all__ = [
     "DanluOptimizer",

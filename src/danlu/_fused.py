@@ -562,6 +562,7 @@ def _torch_fused_adam(
             type(p) in _PLAIN
             and p.dtype in _DTYPES
             and p.layout is torch.strided
+            and p.is_contiguous()  # torch's fused kernels read the parameter as one dense block
             and _dense_like(grad, p)
             and _dense_like(m, p)
             and _dense_like(v, p)

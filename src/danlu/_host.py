@@ -34,6 +34,7 @@ from danlu._distributed import all_zero
 from danlu._params import normalize_group
 from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
 from danlu.derivations._base import APPLIED_STEPS, CALLS, GROUP_COUNTERS, Derivation, as_counter
+from danlu.derivations.weight_decay import adopt_torch_weight_decay
 
 __all__ = ["DerivationHost"]
 
@@ -47,6 +48,7 @@ class DerivationHost(torch.optim.Optimizer):
     # ---------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = normalize_group(param_group, "param_group")
+        adopt_torch_weight_decay(self, group)
         for key, default in self.defaults.items():
             if default is not required:
                 group.setdefault(key, copy.deepcopy(default))
@@ -122,11 +124,18 @@ class DerivationHost(torch.optim.Optimizer):
         if not self.state and self._is_state_init_call():
             self._init_all_state()
             return
-        ctx = StepContext(self)
+        if not self._any_gradient():
+            return  # as in torch.optim: a step without gradients changes nothing and counts for nothing
+        if self._danlu_derivations:
+            self._derived_step(StepContext(self))
+        else:
+            self._base_step(StepContext(self))
+
+    def _any_gradient(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
+
+    def _derived_step(self, ctx: StepContext) -> None:
         derivations = self._danlu_derivations
-        if not derivations:
-            self._base_step(ctx)
-            return
         for derivation in derivations:
             derivation.check(self)
         if any(d.skip(self) for d in derivations):
@@ -136,29 +145,30 @@ class DerivationHost(torch.optim.Optimizer):
         try:
             if not all([d.accumulate(self, ctx) for d in derivations]):
                 self._count(CALLS)
-                failed = False
-                return
-            if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+            elif not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
                 ctx.dropped = True  # nothing is applied; an accumulation cycle is consumed (its buffers cleared)
                 self._count(CALLS)
-                failed = False
-                return
-            ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
-            for derivation in derivations:
-                for group in self.param_groups:
-                    derivation.prepare(self, group, group["params"])
-            self._base_step(ctx)
-            self._count(CALLS)
-            self._count(APPLIED_STEPS)
-            for index, derivation in enumerate(derivations):
-                for group in self.param_groups:
-                    derivation.after_step(self, group, self._after_step_params(ctx, index, group))
+            else:
+                self._apply_step(ctx)
             failed = False
         except BaseException:
             undo.restore()
             raise
         finally:
             ctx.finish(failed)
+
+    def _apply_step(self, ctx: StepContext) -> None:
+        derivations = self._danlu_derivations
+        ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
+        for derivation in derivations:
+            for group in self.param_groups:
+                derivation.prepare(self, group, group["params"])
+        self._base_step(ctx)
+        self._count(CALLS)
+        self._count(APPLIED_STEPS)
+        for index, derivation in enumerate(derivations):
+            for group in self.param_groups:
+                derivation.after_step(self, group, self._after_step_params(ctx, index, group))
 
     def _needs_eager_call(self) -> bool:
         """Whether a traced call runs eagerly instead (a foreign base whose state its first step creates)."""
@@ -171,6 +181,8 @@ class DerivationHost(torch.optim.Optimizer):
         traced lr would tie the graph to its value), and so is the rollback of a failed step.
         """
         self._check_gradients()
+        if not self._any_gradient():
+            return
         ctx = StepContext(self)
         derivations = self._danlu_derivations
         if not derivations:
@@ -276,6 +288,7 @@ class DerivationHost(torch.optim.Optimizer):
         """Add 1 (or ``increment``, a 0-dim tensor) to a group counter: a new tensor, so saved state dicts keep theirs."""
         for group in self.param_groups:
             group[key] = group[key] + (1 if increment is None else increment)
+
 
     def _check_gradients(self) -> None:
         """Reject gradients the algorithm cannot take, before anything changes."""

@@ -1,17 +1,26 @@
-"""Build, cache and load danlu's native CPU kernels (``_kernels.cpp``), called through ctypes.
+"""Load danlu's native CPU kernels (``_kernels.cpp``), called through ctypes; build them where the package has none.
 
-The kernels include no torch header, so they build in a few seconds with the system C++ compiler.
-The shared library is cached under ``$DANLU_CACHE_DIR`` (default ``~/.cache/danlu``), keyed by the
-source, the compiler and the instruction set, so only the first process on a machine pays the build;
-later processes load it in milliseconds. Without a compiler, or with ``DANLU_NATIVE=0``, every danlu
-optimizer runs its pure-PyTorch path (``torch._foreach_*``), which gives the same results.
+The package is built with the kernels compiled for every instruction-set variant of its platform
+(``setup.py``; on x86-64: baseline, AVX2 and AVX-512), and the variant is chosen at run time from
+``torch.backends.cpu.get_cpu_capability()``, as torch chooses its own kernels (``ATEN_CPU_CAPABILITY``
+lowers both). A prebuilt library is used only if it was compiled from this very source (its file name
+carries a hash of the source and the flags) and reports the ABI that this module binds.
+
+Where the package carries no usable library (an install made without a compiler, or an edited
+``_kernels.cpp``), the first step that needs the kernels compiles the chosen variant with the system C++
+compiler (no torch headers; 5-20 s, said once on stderr) and caches it under ``$DANLU_CACHE_DIR``
+(default ``~/.cache/danlu``), keyed by the source, the flags and the compiler, so later processes load it
+in milliseconds. If that fails too (no compiler, an unwritable cache), a warning says so once, and every
+danlu optimizer runs its pure-PyTorch path (``torch._foreach_*``), which gives the same results.
 
 Environment:
-    ``DANLU_NATIVE``: ``0`` disables the native kernels; ``1`` (default) builds them at the first step
-    that needs them (seconds, once per machine); ``background`` builds them in a thread and runs the
-    pure-PyTorch path until they are loaded.
-    ``DANLU_CACHE_DIR``: where the built library is kept.
+    ``DANLU_NATIVE``: ``0`` disables the native kernels; ``1`` (default) loads them, building them at the
+    first step that needs them where the package has none; ``background`` builds them in a thread and
+    runs the pure-PyTorch path until they are loaded.
+    ``DANLU_CACHE_DIR``: where a library built at first use is kept.
     ``CXX``: the compiler (default ``c++``, then ``g++``, then ``clang++``).
+    ``DANLU_REQUIRE_NATIVE``: ``1`` makes a package build without the kernels an error, and the test
+    suite fail when they do not load.
 """
 
 from __future__ import annotations
@@ -20,19 +29,21 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from danlu import _native_build as rules
+
 __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
-_SOURCE = Path(__file__).with_name("_kernels.cpp")
+_PACKAGE = Path(__file__).resolve().parent
+_SOURCE = _PACKAGE / rules.SOURCE_NAME
 _ABI = 4
 _lock = threading.Lock()
 _setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
@@ -50,32 +61,21 @@ class _State:
     load_seconds: float | None = None
     enabled = _setting not in ("0", "false", "off", "no")
     thread: threading.Thread | None = None
+    variant: str | None = None
+    path: Path | None = None
+    origin: str | None = None  # "package" (prebuilt) or "cache" (built at first use, now or earlier)
+    prebuilt_error: str | None = None
 
 
 _S = _State()
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+def _variant() -> str:
+    return rules.variant_for(torch.backends.cpu.get_cpu_capability())
 
 
-def _arch_flags() -> list[str]:
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        return []
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return ["-march=x86-64-v4", "-mprefer-vector-width=512"]
-    if capability.startswith("AVX2"):
-        return ["-march=x86-64-v3"]
-    return []
-
-
-def _flags() -> list[str]:
-    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *_arch_flags()]
+def _prebuilt_path(variant: str) -> Path:
+    return _PACKAGE / rules.LIBRARY_DIR / rules.library_name(_SOURCE.read_bytes(), variant)
 
 
 def _cache_dir() -> Path:
@@ -86,28 +86,17 @@ def _cache_dir() -> Path:
     return Path(xdg) / "danlu" if xdg else Path.home() / ".cache" / "danlu"
 
 
-def _library_path(compiler: str) -> Path:
+def _cache_path(compiler: str, variant: str) -> Path:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
     key.update(_SOURCE.read_bytes())
-    key.update(" ".join(_flags()).encode())
+    key.update(" ".join(rules.flags(variant)).encode())
     key.update(version.encode())
     key.update(f"{sys.platform}-{platform.machine()}".encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *_flags(), str(_SOURCE), "-o", str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-        os.replace(out, target)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -128,19 +117,23 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None where it cannot be had (see :func:`status`).
+    """The kernel library (the package's prebuilt one, else built on first use); None where it cannot be had.
 
-    With ``DANLU_NATIVE=background`` a missing library is built in a background thread and this returns
-    None until it is loaded, so the first steps run the pure-PyTorch path instead of waiting; the switch
-    changes results at the level of rounding, which is why blocking (build once, then cached) is the default.
+    With ``DANLU_NATIVE=background`` a library that must be built is built in a background thread and this
+    returns None until it is loaded, so the first steps run the pure-PyTorch path instead of waiting; the
+    switch changes results at the level of rounding, which is why blocking (build once, then cached) is the
+    default. A prebuilt library is loaded at once in either mode.
     """
-    if _S.lib is not None or (_S.tried and _S.lib is None):
-        return _S.lib if _S.enabled else None
     if not _S.enabled:
         return None
+    if _S.tried:
+        return _S.lib
     if _background:
         with _lock:
-            if _S.thread is None:
+            if _S.thread is None and not _S.tried:
+                if _load_prebuilt():
+                    _S.tried = True
+                    return _S.lib
                 _S.thread = threading.Thread(target=_load_blocking, name="danlu-native-build", daemon=True)
                 _S.thread.start()
         return _S.lib
@@ -151,34 +144,70 @@ def _load_blocking() -> ctypes.CDLL | None:
     with _lock if not _background else _build_lock:
         if _S.tried:
             return _S.lib
-        _S.tried = True
         start = time.perf_counter()
-        try:
-            if platform.system() != "Linux" and platform.system() != "Darwin":
-                raise RuntimeError(f"native kernels are not built on {platform.system()}")
-            compiler = _compiler()
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX)")
-            path = _library_path(compiler)
-            if not path.exists():
-                lock_path = path.with_suffix(".lock")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(lock_path, "w") as handle:
-                    try:
-                        import fcntl
-
-                        fcntl.flock(handle, fcntl.LOCK_EX)
-                    except ImportError:  # pragma: no cover
-                        pass
-                    if not path.exists():
-                        _build(compiler, path)
-                        _S.build_seconds = time.perf_counter() - start
-            _S.lib = _bind(ctypes.CDLL(str(path)))
+        if _S.lib is None and not _load_prebuilt():
+            _load_cached()
+        _S.tried = True
+        if _S.lib is not None:
             _S.load_seconds = time.perf_counter() - start
-        except Exception as exc:  # any failure leaves the pure-PyTorch path
-            _S.error = f"{type(exc).__name__}: {exc}"
-            _S.lib = None
         return _S.lib
+
+
+def _load_prebuilt() -> bool:
+    """Load the package's library for this CPU, if the package carries one built from this source."""
+    variant = _variant()
+    path = _prebuilt_path(variant)
+    if not path.is_file():
+        return False
+    try:
+        _S.lib = _bind(ctypes.CDLL(str(path)))
+    except Exception as exc:  # a library that does not load or bind is rebuilt from the source
+        _S.prebuilt_error = f"{path.name}: {type(exc).__name__}: {exc}"
+        return False
+    _S.variant, _S.path, _S.origin = variant, path, "package"
+    return True
+
+
+def _load_cached() -> None:
+    """Load the library from the cache, compiling it there first if needed; warn once where that fails."""
+    variant = _variant()
+    try:
+        if platform.system() not in ("Linux", "Darwin"):
+            raise RuntimeError(f"native kernels are not built on {platform.system()}")
+        compiler = rules.find_compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX)")
+        path = _cache_path(compiler, variant)
+        if not path.exists():
+            _build_locked(compiler, variant, path)
+        _S.lib = _bind(ctypes.CDLL(str(path)))
+        _S.variant, _S.path, _S.origin = variant, path, "cache"
+    except Exception as exc:  # any failure leaves the pure-PyTorch path
+        _S.error = f"{type(exc).__name__}: {exc}"
+        _S.lib = None
+        first_line = _S.error.splitlines()[0]
+        warnings.warn(f"danlu: the native CPU kernels are not available ({first_line}); danlu runs its pure-PyTorch "
+                      "path, with the same results, more slowly (DANLU_NATIVE=0 chooses that path and silences this)",
+                      RuntimeWarning, stacklevel=5)
+
+
+def _build_locked(compiler: str, variant: str, path: Path) -> None:
+    """Compile ``variant`` into ``path`` unless another process does it first (a file lock beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover
+            pass
+        if path.exists():
+            return
+        print(f"danlu: compiling its native CPU kernels ({variant}) with {compiler} into {path.parent}, "
+              "once per machine (5-20 s)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        rules.compile_library(compiler, variant, _SOURCE, path)
+        _S.build_seconds = time.perf_counter() - start
 
 
 def available() -> bool:
@@ -187,16 +216,20 @@ def available() -> bool:
 
 
 def build_seconds() -> float | None:
-    """Seconds this process spent building the library (None when it was loaded from the cache)."""
+    """Seconds this process spent building the library (None when it was prebuilt or found in the cache)."""
     return _S.build_seconds
 
 
 def status() -> dict[str, object]:
-    """What happened: enabled, loaded, the error if any, build and load seconds."""
+    """What happened: enabled, loaded, from where, which variant, the error if any, build and load seconds."""
     return {
         "enabled": _S.enabled,
         "loaded": _S.lib is not None,
+        "origin": _S.origin,
+        "variant": _S.variant,
+        "path": str(_S.path) if _S.path else None,
         "error": _S.error,
+        "prebuilt_error": _S.prebuilt_error,
         "build_seconds": _S.build_seconds,
         "load_seconds": _S.load_seconds,
         "background": _background,

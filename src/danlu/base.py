@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from danlu import _fused
+from danlu._complex import as_real, reject_complex
 from danlu._context import StepContext
 from danlu._host import DerivationHost
 from danlu._params import normalize_params
@@ -64,6 +65,8 @@ class DanluOptimizer(DerivationHost):
     """
 
     supports_sparse: ClassVar[bool] = False
+    supports_complex: ClassVar[bool] = False
+    """Whether the algorithm takes complex parameters as (real, imaginary) pairs (see :mod:`danlu._complex`)."""
 
     def __init__(
         self,
@@ -134,6 +137,8 @@ class DanluOptimizer(DerivationHost):
 
     # ---------------------------------------------------------------- checks
     def _check_gradients(self) -> None:
+        if not self.supports_complex:
+            reject_complex(self)
         if self.supports_sparse:
             return
         for group in self.param_groups:
@@ -210,6 +215,7 @@ class DanluOptimizer(DerivationHost):
             params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
             names, lrs, steps = [names[i] for i in rest], [lrs[i] for i in rest], [steps[i] for i in rest]
         grads = _fused.settle_gradients(ctx, params, grads)
+        params, grads, states = as_real(params, grads, states)
         use_foreach = group.get("foreach") is not False
         for chunk in _chunks(params, grads, use_foreach):
             self._chunk_step(group, chunk, params, grads, states, names, lrs, steps)

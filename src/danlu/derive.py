@@ -9,8 +9,13 @@ the transforms to ``p_new - p_old`` of only the parameters some transform select
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
+import sys
 import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -112,22 +117,17 @@ class ForeignHost(DerivationHost):
         """
         if torch.compiler.is_compiling():
             # the base's state exists (see _needs_eager_call), so nothing is set aside; the base
-            # function runs without torch.optim's wrappers, whose deliberate graph breaks would cut
-            # the traced step in three (and this step's hooks already run around it)
-            inspect.unwrap(type(self)._danlu_root.step)(self)  # type: ignore[attr-defined]
+            # function runs without any of torch.optim's wrappers, whose deliberate graph breaks
+            # would cut the traced step in three
+            inspect.unwrap(_unhooked_base_step(type(self)))(self)
             return
-        keys = tuple(dict.fromkeys(key for d in self._danlu_derivations for key in d.state_keys))  # one order on every process
-        hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        if keys:
-            for state in self.state.values():
-                entries = {k: state.pop(k) for k in keys if k in state}
-                if entries:
-                    hidden.append((state, entries))
-        try:
-            super(DerivationHost, self).step()
-        finally:
-            for state, entries in hidden:
-                state.update(entries)
+        with _derivation_state_hidden(self, self.state.values()):
+            _unhooked_base_step(type(self))(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ of Adam and friends reads state["step"] of every non-empty entry (deepcopy, pickle)
+        with _derivation_state_hidden(self, state.get("state", {}).values()):
+            super().__setstate__(state)
 
     def _snapshot(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         names = self._names(group)
@@ -148,6 +148,45 @@ class ForeignHost(DerivationHost):
         grads = cast(list[Tensor], [ctx.scaled_gradient(p) for p in params])  # selected because they have one
         self._apply_transforms(group, olds, params, grads, [names[i] for i in indices], [lr] * len(params))
         torch._foreach_add_(params, olds)
+
+
+_HOOK_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+"""The code of torch's hook wrapper: a ``step`` with this code is torch's wrapper, whatever else wraps it."""
+
+
+def _unhooked_base_step(cls: type) -> Callable[..., Any]:
+    """The base optimizer's ``step`` without torch's hook wrapper.
+
+    ``torch.optim.Optimizer`` wraps a class's ``step`` with its hook machinery (step pre- and post-hooks,
+    the profiler record) at the first instantiation of that class. The derived class's own ``step`` is
+    wrapped the same way; calling the base's wrapped ``step`` from inside it would run every hook twice,
+    the inner time before Lookahead or EMA have run.
+    """
+    mro = cls.__mro__
+    for klass in mro[mro.index(DerivationHost) + 1 :]:
+        step = klass.__dict__.get("step")
+        if step is not None:
+            while getattr(step, "__code__", None) is _HOOK_WRAPPER_CODE:
+                step = step.__wrapped__
+            return step
+    raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
+
+
+@contextlib.contextmanager
+def _derivation_state_hidden(host: DerivationHost, states: Iterable[dict[str, Any]]) -> Iterator[None]:
+    """Set the derivations' namespaced entries of ``states`` aside for the block, and put them back after it."""
+    keys = tuple(dict.fromkeys(key for d in host._danlu_derivations for key in d.state_keys))  # one order on every process
+    hidden: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    if keys:
+        for state in states:
+            entries = {k: state.pop(k) for k in keys if k in state}
+            if entries:
+                hidden.append((state, entries))
+    try:
+        yield
+    finally:
+        for state, entries in hidden:
+            state.update(entries)
 
 
 def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
@@ -209,7 +248,8 @@ def _check_derived(opt: DerivationHost) -> None:
         if len(counts) > 1:
             raise ValueError(f"grad_accum_steps must be the same in every parameter group, got {sorted(counts)}")
     if any(isinstance(d, WeightDecay) for d in opt._danlu_derivations):
-        if any(g["weight_decay_rate"] > 0 and _positive(g.get("weight_decay")) for g in groups):
+        coupled = "weight_decay" in opt.defaults  # the base decays by itself (torch.optim.Adam's weight_decay)
+        if coupled and any(g["weight_decay_rate"] > 0 and _positive(g.get("weight_decay")) for g in groups):
             warnings.warn(
                 "the base optimizer has its own weight_decay > 0 and extend_with_weight_decay adds decoupled decay: "
                 "the parameters are decayed twice",
@@ -234,6 +274,10 @@ def _pattern_matches(derivation: Derivation, pattern: str, name: str) -> bool:
 def extend_with(base: type, derivation: Derivation, name: str | None = None) -> type:
     """Return a subclass of ``base`` (any ``torch.optim.Optimizer`` subclass) with ``derivation`` applied last.
 
+    The class's ``__module__`` is the calling module (as for ``collections.namedtuple``): bound
+    there to a module-level name equal to its ``__name__``, the class pickles by reference. Its
+    instances pickle whole in any case: unpickling rebuilds the class from its base, derivation and name.
+
     Example:
         >>> import torch, danlu
         >>> from danlu.derivations import Derivation
@@ -246,6 +290,15 @@ def extend_with(base: type, derivation: Derivation, name: str | None = None) -> 
         >>> w.grad = torch.ones(1); _ = opt.step(); w.item()
         -0.5
     """
+    return _extend(base, derivation, name, _caller_module())
+
+
+def _caller_module() -> str:
+    """The module that called the public function that called this one."""
+    return str(sys._getframe(2).f_globals.get("__name__", "__main__"))
+
+
+def _extend(base: type, derivation: Derivation, name: str | None, module: str) -> type:
     factory = f"extend_with_{derivation.name}"
     if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
         raise TypeError(f"{factory}: expected a torch.optim.Optimizer subclass, got {base!r}")
@@ -258,15 +311,73 @@ def extend_with(base: type, derivation: Derivation, name: str | None = None) -> 
     namespace: dict[str, Any] = {
         "_danlu_derivations": existing + (derivation,),
         "_danlu_root": getattr(base, "_danlu_root", base),
+        "_danlu_recipe": (base, derivation, name, module),
         "__init__": _derived_init,
-        "__module__": base.__module__,
+        "__module__": module,
         "__doc__": f"{base.__name__} extended with {derivation.name}.\n\n{type(derivation).__doc__}",
     }
     namespace.update(derivation.methods)
+    namespace.update({"__reduce_ex__": _reduce_derived, "__deepcopy__": _deepcopy_derived})
     cls_name = name or f"{base.__name__}With{derivation.title}"
     cls = type(cls_name, bases, namespace)
     cls.__qualname__ = cls_name
+    _REBUILT.setdefault((base, type(derivation), name, module), cls)
     return cls
+
+
+# --------------------------------------------------------------------------------------- pickling
+_REBUILT: weakref.WeakValueDictionary[tuple[Any, ...], type] = weakref.WeakValueDictionary()
+"""Derived classes by (parent, derivation type, name, module): a rebuilt class is the live one if there is one."""
+
+def _by_reference(cls: type) -> bool:
+    """Whether pickle can find ``cls`` by its module and name (a ``__main__`` class does not count)."""
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__":
+        return False
+    target: Any = module
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is cls
+
+
+def _class_recipe(cls: type) -> Any:
+    """``cls`` itself when pickle finds it by reference, else how extend_with builds it (recursively)."""
+    recipe = cls.__dict__.get("_danlu_recipe")
+    if recipe is None or _by_reference(cls):
+        return cls
+    parent, derivation, name, module = recipe
+    return (_class_recipe(parent), derivation, name, module)
+
+
+def _rebuild_class(recipe: Any) -> type:
+    if isinstance(recipe, type):
+        return recipe
+    parent_recipe, derivation, name, module = recipe
+    parent = _rebuild_class(parent_recipe)
+    live = _REBUILT.get((parent, type(derivation), name, module))
+    return live if live is not None else _extend(parent, derivation, name, module)
+
+
+def _rebuild_instance(recipe: Any) -> DerivationHost:
+    """Unpickling: the derived class from its recipe, and an empty instance that ``__setstate__`` fills."""
+    cls = _rebuild_class(recipe)
+    return cls.__new__(cls)
+
+
+def _reduce_derived(self: DerivationHost, protocol: int) -> Any:
+    """Pickle a derived optimizer whole: its class as (base, derivations, name), its state as torch does."""
+    recipe = _class_recipe(type(self))
+    if isinstance(recipe, type):
+        return object.__reduce_ex__(self, protocol)
+    return (_rebuild_instance, (recipe,), self.__getstate__())
+
+
+def _deepcopy_derived(self: DerivationHost, memo: dict[int, Any]) -> DerivationHost:
+    """A deep copy of the same class (pickling may rebuild the class; a copy in this process need not)."""
+    clone = type(self).__new__(type(self))
+    memo[id(self)] = clone
+    clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    return clone
 
 
 def extend_with_weight_decay(BaseOptimizer: type, name: str | None = None) -> type:
@@ -281,7 +392,7 @@ def extend_with_weight_decay(BaseOptimizer: type, name: str | None = None) -> ty
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = AdamW(model.named_parameters(), lr=1e-3, weight_decay_rate=0.01, exclude_from_weight_decay=["bias"])
     """
-    return extend_with(BaseOptimizer, WeightDecay(), name)
+    return _extend(BaseOptimizer, WeightDecay(), name, _caller_module())
 
 
 def extend_with_layer_adaptation(BaseOptimizer: type, name: str | None = None) -> type:
@@ -293,7 +404,7 @@ def extend_with_layer_adaptation(BaseOptimizer: type, name: str | None = None) -
         >>> import danlu
         >>> Lamb = danlu.extend_with_layer_adaptation(danlu.extend_with_weight_decay(danlu.Adam))
     """
-    return extend_with(BaseOptimizer, LayerAdaptation(), name)
+    return _extend(BaseOptimizer, LayerAdaptation(), name, _caller_module())
 
 
 def extend_with_piecewise_linear_lr(BaseOptimizer: type, name: str | None = None) -> type:
@@ -306,7 +417,7 @@ def extend_with_piecewise_linear_lr(BaseOptimizer: type, name: str | None = None
         >>> Warm = danlu.extend_with_piecewise_linear_lr(danlu.Adam)
         >>> opt = Warm([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, lr_schedule={1000: 1.0, 2000: 0.1})
     """
-    return extend_with(BaseOptimizer, PiecewiseLinearLR(), name)
+    return _extend(BaseOptimizer, PiecewiseLinearLR(), name, _caller_module())
 
 
 def extend_with_gradient_accumulation(BaseOptimizer: type, name: str | None = None) -> type:
@@ -324,7 +435,7 @@ def extend_with_gradient_accumulation(BaseOptimizer: type, name: str | None = No
         >>> w.grad = torch.tensor([3.0]); _ = opt.step(); w.item()   # mean gradient 2.0
         -2.0
     """
-    return extend_with(BaseOptimizer, GradientAccumulation(), name)
+    return _extend(BaseOptimizer, GradientAccumulation(), name, _caller_module())
 
 
 def extend_with_lookahead(BaseOptimizer: type, name: str | None = None) -> type:
@@ -338,7 +449,7 @@ def extend_with_lookahead(BaseOptimizer: type, name: str | None = None) -> type:
         >>> Ranger = danlu.extend_with_lookahead(danlu.RAdam)
         >>> opt = Ranger([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, steps_per_slow_update=6)
     """
-    return extend_with(BaseOptimizer, Lookahead(), name)
+    return _extend(BaseOptimizer, Lookahead(), name, _caller_module())
 
 
 def extend_with_lazy_optimization(BaseOptimizer: type, name: str | None = None) -> type:
@@ -352,7 +463,7 @@ def extend_with_lazy_optimization(BaseOptimizer: type, name: str | None = None) 
         >>> model = torch.nn.Embedding(10, 4)
         >>> opt = Lazy(model.named_parameters(), lr=1e-3, include_in_lazy_optimization=["weight"])
     """
-    return extend_with(BaseOptimizer, LazyOptimization(), name)
+    return _extend(BaseOptimizer, LazyOptimization(), name, _caller_module())
 
 
 def extend_with_exponential_moving_average(BaseOptimizer: type, name: str | None = None) -> type:
@@ -372,7 +483,7 @@ def extend_with_exponential_moving_average(BaseOptimizer: type, name: str | None
         >>> w.item()
         0.5
     """
-    return extend_with(BaseOptimizer, ExponentialMovingAverage(), name)
+    return _extend(BaseOptimizer, ExponentialMovingAverage(), name, _caller_module())
 
 
 def extend_with_parameter_wise_lr(BaseOptimizer: type, name: str | None = None) -> type:
@@ -386,7 +497,7 @@ def extend_with_parameter_wise_lr(BaseOptimizer: type, name: str | None = None) 
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         >>> opt = Paramwise(model.named_parameters(), lr=1e-3, paramwise_lr_schedule={"0.": 0.1})
     """
-    return extend_with(BaseOptimizer, ParameterWiseLR(), name)
+    return _extend(BaseOptimizer, ParameterWiseLR(), name, _caller_module())
 
 
 def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> type:
@@ -404,7 +515,7 @@ def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> 
         >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], int(opt.param_groups[0]["applied_steps"])
         (tensor([1., 1.]), 1, 0)
     """
-    return extend_with(BaseOptimizer, SkipNonfinite(), name)
+    return _extend(BaseOptimizer, SkipNonfinite(), name, _caller_module())
 
 
 def extend_with_gradient_clipping(BaseOptimizer: type, name: str | None = None) -> type:
@@ -423,7 +534,7 @@ def extend_with_gradient_clipping(BaseOptimizer: type, name: str | None = None) 
         >>> round(opt.grad_norm.item(), 3)
         17.321
     """
-    return extend_with(BaseOptimizer, GradientClipping(), name)
+    return _extend(BaseOptimizer, GradientClipping(), name, _caller_module())
 
 
 assert {d.name for d in ALL_DERIVATIONS} == {

@@ -17,6 +17,7 @@ convention), unless ``exclude_from_weight_decay`` is given or ``no_decay_on_bias
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from danlu import derive
-from danlu.derivations import WeightDecay
+from danlu.derivations import ALL_DERIVATIONS, WeightDecay
 from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
@@ -209,11 +210,70 @@ def create_optimizer(
     for name in derivation_names:
         cls = _DERIVATIONS[name](cls)
     pairs = _named_parameters(model_or_named_params)
+    _check_keywords(spec, cls, hyperparameters)
     kwargs = {**base_defaults, **hyperparameters}
     decays = any(isinstance(d, WeightDecay) for d in getattr(cls, "_danlu_derivations", ()))
     if decays and no_decay_on_bias_and_norm and "exclude_from_weight_decay" not in kwargs:
         return cls(_bert_groups(model_or_named_params, pairs), **kwargs)
     return cls(pairs, **kwargs)
+
+
+_TORCH_STYLE_HINTS: dict[str, str] = {
+    "weight_decay": "weight_decay_rate",
+    "learning_rate": "lr",
+    "k": "steps_per_slow_update",
+    "la_steps": "steps_per_slow_update",
+    "la_alpha": "slow_step_size",
+    "ema_decay": "ema_momentum",
+    "decay": "ema_momentum",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "accumulation_steps": "grad_accum_steps",
+}
+"""Keyword names of torch.optim, transformers and timm that have a danlu equivalent under another name."""
+
+
+_DERIVATION_OF_KEYWORD: dict[str, str] = {
+    key: _ALIASES.get(d.name, d.name) for d in ALL_DERIVATIONS for key in d.defaults
+}
+"""The spec name of the derivation that takes each derivation keyword."""
+
+
+def _valid_keywords(cls: type) -> tuple[str, ...] | None:
+    """The keyword arguments ``cls`` takes after ``params`` (None when its root takes ``**kwargs``)."""
+    root = getattr(cls, "_danlu_root", cls)
+    try:
+        parameters = list(inspect.signature(root).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    names = [p.name for p in parameters[1:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for derivation in getattr(cls, "_danlu_derivations", ()):
+        names.extend(derivation.defaults)
+    return tuple(names)
+
+
+def _check_keywords(spec: str, cls: type, hyperparameters: dict[str, Any]) -> None:
+    valid = _valid_keywords(cls)
+    if valid is None:
+        return
+    for key in hyperparameters:
+        if key in valid:
+            continue
+        message = f"create_optimizer({spec!r}): unexpected keyword argument {key!r}"
+        hint = _TORCH_STYLE_HINTS.get(key)
+        if key == "weight_decay" and hint in valid:
+            message += f"; danlu's decoupled weight decay is {hint!r}"
+        elif hint in valid:
+            message += f"; danlu calls it {hint!r}"
+        elif key == "weight_decay_rate" and "weight_decay" in valid:
+            message += f"; {spec!r} takes torch's 'weight_decay' (add '+weight_decay' for danlu's decoupled decay)"
+        elif key in _DERIVATION_OF_KEYWORD:
+            derivation = _DERIVATION_OF_KEYWORD[key]
+            message += f"; it belongs to the {derivation!r} derivation: add '+{derivation}' to the spec"
+        elif key == "weight_decay":
+            message += f"; {spec!r} has no weight decay: use 'adamw' or add '+weight_decay', then pass weight_decay_rate"
+        raise TypeError(f"{message}. Valid keyword arguments for {spec!r}: {', '.join(valid)}")
 
 
 def _bert_groups(model_or_named_params: Any, pairs: list[tuple[str, Tensor]]) -> list[dict[str, Any]]:

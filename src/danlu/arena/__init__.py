@@ -12,12 +12,14 @@ Two entry points:
       )
       print(result.chosen_lrs)
 
-- :func:`run_task` runs a bundled task ("digits", "ner-zh", "sentiment-en"),
-  as ``danlu arena`` does.
+- :func:`run_task` runs a bundled task ("digits", "ner-zh", "sentiment-en"), or
+  a CSV table ("csv") or a text classification with a local Hugging Face model
+  ("text"), as ``danlu arena`` does.
 
 Both sweep each optimizer's learning rate on the validation split, train
-several seeds at the chosen lr with the same data order for everyone, and write
-a report folder (HTML, Markdown, CSV, JSON). Finished runs are kept on disk:
+several seeds at the chosen lr with the same data order for everyone, recommend
+an optimizer (and name those the seeds cannot tell apart from it), and write a
+report folder (HTML, Markdown, CSV, JSON). Finished runs are kept on disk:
 rerunning with the same ``out`` resumes.
 """
 
@@ -30,8 +32,9 @@ from typing import Any
 from torch import nn
 
 from danlu.arena.arena import Arena, ArenaConfig, ArenaResult, make_config, preflight, run_config
+from danlu.arena.decision import Recommendation
 from danlu.arena.progress import Progress, RichProgress
-from danlu.arena.roster import DEFAULT_LR_GRID, DEFAULT_ROSTER, TYPICAL_LR
+from danlu.arena.roster import DEFAULT_LR_EXTEND, DEFAULT_LR_GRID, DEFAULT_ROSTER, TYPICAL_LR
 from danlu.arena.tasks import TASKS, Evaluation, Task, TaskDefaults, TaskInfo, TensorTask, make_task
 from danlu.arena.tasks.tensors import LossFn, MetricFn, Split
 
@@ -45,6 +48,7 @@ __all__ = [
     "Arena",
     "ArenaConfig",
     "ArenaResult",
+    "Recommendation",
     "Task",
     "TaskDefaults",
     "TaskInfo",
@@ -81,6 +85,10 @@ def run(
     resume: bool = True,
     progress: bool = True,
     name: str = "custom",
+    lr_extend: int = DEFAULT_LR_EXTEND,
+    workers: int | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> ArenaResult:
     """Compare optimizers on your own model and data and write the report to ``out``.
 
@@ -98,16 +106,21 @@ def run(
         hyperparameters: extra settings per spec, e.g. ``{"adamw+ema": {"ema_momentum": 0.99}}``.
         out: report folder; finished runs there are reused when ``resume`` is true.
         progress: show live progress on stderr.
+        lr_extend: extra lrs the sweep may add beyond an edge of the grid where the best lr sits (0: never).
+        workers: runs trained at once in worker processes (default: the cores, capped by the runs).
+        backend, ray_address: "ray" trains each run as a Ray task on the cluster at ``ray_address``
+            (a local Ray instance by default).
 
     Returns:
-        An :class:`ArenaResult` with the table rows, every run and the report's file paths.
+        An :class:`ArenaResult` with the table rows, the recommendation, every run and the report's file paths.
     """
     task = TensorTask(model_fn, data, name=name, loss_fn=loss_fn, metric=metric,
                       higher_is_better=higher_is_better, target=target, batch_size=batch_size,
                       defaults=TaskDefaults(steps=steps, seeds=seeds))
     config = make_config(task, optimizers=optimizers, steps=steps, seeds=seeds, lr_grid=lr_grid,
                          eval_every=eval_every, out=out, hyperparameters=hyperparameters,
-                         threads=threads, resume=resume)
+                         threads=threads, resume=resume, lr_extend=lr_extend, workers=workers, backend=backend,
+                         ray_address=ray_address)
     return run_config(config, _progress(progress))
 
 

@@ -10,6 +10,13 @@ import math
 from numbers import Integral, Real
 from typing import Any
 
+#: Why a count must be at least one, where that is not plain from its name.
+_AT_LEAST_ONE_BECAUSE = {
+    "steps": "a budget of zero trains nothing",
+    "seeds": "a budget of zero trains nothing",
+    "threads": "torch runs on at least one CPU thread",
+}
+
 
 def check_optional_positive_int(name: str, value: Any) -> int | None:
     """Return None, or ``value`` as an int >= 1; else raise."""
@@ -21,7 +28,8 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r} (a budget of zero trains nothing)")
+        because = _AT_LEAST_ONE_BECAUSE.get(name)
+        raise ValueError(f"{name} must be >= 1, got {value!r}" + (f" ({because})" if because else ""))
     return int(value)
 
 

@@ -12,7 +12,11 @@ import numpy as np
 
 from danlu.arena.summary import Row
 
-_STYLES = ("-", "--", ":", "-.")
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = (None, "o", "s", "^", "D", "v", "P", "X")
+#: Ten colours that stay apart from each other (matplotlib's tab10).
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")
 
 
 def _pyplot() -> Any:
@@ -25,10 +29,20 @@ def _pyplot() -> Any:
 
 
 def style_for(index: int) -> dict[str, Any]:
-    """A colour and line style for the ``index``-th optimizer, the same in every figure."""
-    plt = _pyplot()
-    colours = plt.get_cmap("tab10").colors
-    return {"color": colours[index % 10], "linestyle": _STYLES[(index // 10) % len(_STYLES)]}
+    """A colour, line style and marker for the ``index``-th optimizer, the same in every figure.
+
+    Colour cycles through 10, line style through 4 (together: 20 distinct pairs),
+    and every further 20 series add a marker, so no two of the first 160 look alike.
+    """
+    marker = _MARKERS[(index // 20) % len(_MARKERS)]
+    style: dict[str, Any] = {"color": _PALETTE[index % 10], "linestyle": _LINESTYLES[index % 4]}
+    if marker is not None:
+        style.update(marker=marker, markevery=0.1, markersize=4)
+    return style
+
+
+def _label(row: Row) -> str:
+    return f"{row.spec}{' (EMA weights)' if row.ema else ''} (lr {row.lr:.3g})"
 
 
 def _png(fig: Any) -> bytes:
@@ -58,10 +72,10 @@ def _nan_reduce(function: Any, values: np.ndarray) -> np.ndarray:
         return function(values, 0)
 
 
-def _band(ax: Any, x: np.ndarray, ys: np.ndarray, label: str, style: dict[str, Any]) -> None:
+def _band(ax: Any, x: np.ndarray, ys: np.ndarray, label: str, style: dict[str, Any], width: float = 1.6) -> None:
     """Mean line with a min-max band over seeds."""
     mean, low, high = (_nan_reduce(f, ys) for f in (np.nanmean, np.nanmin, np.nanmax))
-    ax.plot(x, mean, label=label, linewidth=1.6, **style)
+    ax.plot(x, mean, label=label, linewidth=width, **style)
     if ys.shape[0] > 1:
         ax.fill_between(x, low, high, color=style["color"], alpha=0.12, linewidth=0)
 
@@ -96,25 +110,73 @@ def _curve(row: Row, which: str, axis: str) -> tuple[np.ndarray, np.ndarray] | N
     return _nan_reduce(np.nanmean, times), stacked[1]
 
 
-def curves_figure(rows: Sequence[Row], axis: str, metric_label: str, colours: dict[str, int]) -> bytes:
-    """Training loss and validation metric against ``axis`` ("step" or "time"), mean over seeds."""
+def curves_figure(rows: Sequence[Row], axis: str, metric_label: str, styles: dict[str, int]) -> bytes:
+    """Training loss, validation metric, and the metric zoomed to the band of the top runs, against ``axis``.
+
+    Runs evaluated with EMA weights are drawn thicker and say so in the legend.
+    """
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     positive = True
     for row in rows:
-        style = style_for(colours[row.spec])
-        for ax, which in ((left, "loss"), (right, "metric")):
+        style = dict(style_for(styles[row.spec]))
+        width = 2.6 if row.ema else 1.6
+        for ax, which in ((left, "loss"), (middle, "metric"), (right, "metric")):
             data = _curve(row, which, axis)
             if data is not None:
-                _band(ax, data[0], data[1], f"{row.spec} (lr {row.lr:.3g})", style)
+                _band(ax, data[0], data[1], _label(row), style, width)
                 positive = positive and (which != "loss" or bool(np.all(data[1][np.isfinite(data[1])] > 0)))
     xlabel = "step" if axis == "step" else "training time (s, evaluation excluded)"
     left.set(title="training loss (smoothed; mean over seeds, band: min-max)", xlabel=xlabel, ylabel="loss",
              yscale="log" if positive else "linear")
-    right.set(title=f"validation {metric_label}", xlabel=xlabel, ylabel=metric_label)
-    for ax in (left, right):
+    middle.set(title=f"validation {metric_label}", xlabel=xlabel, ylabel=metric_label)
+    band = zoom_band(rows)
+    if band is not None:
+        right.set_ylim(*band)
+    right.set(title=f"validation {metric_label}, zoomed to the top runs", xlabel=xlabel, ylabel=metric_label)
+    for ax in (left, middle, right):
         ax.grid(True, alpha=0.3)
     _legend(fig, left)
+    return _png(fig)
+
+
+def zoom_band(rows: Sequence[Row], top: int = 5) -> tuple[float, float] | None:
+    """The metric range that holds the last-quarter curves of the ``top`` best rows (by final mean), padded."""
+    ranked = [row for row in rows if row.runs and math.isfinite(row.metric_mean)][:top]
+    values = []
+    for row in ranked:
+        for run in row.runs:
+            metric = [v for v in run.evals.metric if v is not None and math.isfinite(v)]
+            values += metric[len(metric) * 3 // 4:]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    pad = max(0.15 * (high - low), 1e-3 * max(1.0, abs(high)))
+    return low - pad, high + pad
+
+
+def intervals_figure(rows: Sequence[Row], metric: str, styles: dict[str, int], pick: str | None,
+                     tied: set[str]) -> bytes:
+    """Each optimizer's mean primary metric with its 95% interval over seeds: pick and tied filled, others hollow."""
+    plt = _pyplot()
+    shown = [row for row in rows if math.isfinite(row.metric_mean)]
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.34 * max(1, len(shown))))
+    for position, row in enumerate(reversed(shown)):
+        interval = row.metric_interval
+        colour = style_for(styles[row.spec])["color"]
+        filled = row.spec == pick or row.spec in tied
+        if math.isfinite(interval.low):
+            ax.plot([interval.low, interval.high], [position, position], color=colour, linewidth=2.2)
+        ax.plot([interval.mean], [position], "o", markersize=9 if row.spec == pick else 7, color=colour,
+                markerfacecolor=colour if filled else "white", markeredgewidth=1.8)
+    labels = [f"{row.spec}{' (EMA weights)' if row.ema else ''}"
+              f"{'  ← pick' if row.spec == pick else '  (tied)' if row.spec in tied else ''}"
+              for row in reversed(shown)]
+    ax.set_yticks(range(len(shown)), labels)
+    ax.set(xlabel=f"{metric}: mean over seeds with 95% interval",
+           title="filled: the pick and the optimizers tied with it (paired t-test over seeds, 95%)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -126,8 +188,13 @@ def _legend(fig: Any, ax: Any) -> None:
     fig.tight_layout()
 
 
-def sensitivity_figure(rows: Sequence[Row], metric_label: str, colours: dict[str, int]) -> bytes:
-    """Final validation metric against lr for every optimizer; the chosen lr is ringed, diverged runs are x."""
+def sensitivity_figure(rows: Sequence[Row], metric_label: str, styles: dict[str, int]) -> bytes:
+    """Final validation metric against lr for every optimizer.
+
+    The chosen lr is ringed; a diverged run is an x at the bottom; a run stuck at
+    chance is a downward triangle at its value; lrs added by the grid's extension
+    are squares.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 4.6))
     finite = [p.val_metric for row in rows for p in row.sweep if math.isfinite(p.val_metric) and not p.diverged]
@@ -135,20 +202,26 @@ def sensitivity_figure(rows: Sequence[Row], metric_label: str, colours: dict[str
     for row in rows:
         if not row.sweep:
             continue
-        style = style_for(colours[row.spec])
+        style = {k: v for k, v in style_for(styles[row.spec]).items() if k in ("color", "linestyle")}
+        colour = style["color"]
         lrs = [p.lr for p in row.sweep]
         values = [p.val_metric if not p.diverged and math.isfinite(p.val_metric) else np.nan for p in row.sweep]
         ax.plot(lrs, values, marker="o", markersize=4, label=row.spec, **style)
-        bad = [p.lr for p in row.sweep if p.diverged or not math.isfinite(p.val_metric)]
-        if bad:
-            ax.plot(bad, [floor] * len(bad), "x", color=style["color"], markersize=8)
-        if row.lr is not None:
-            chosen = [p for p in row.sweep if p.lr == row.lr]
-            if chosen and math.isfinite(chosen[0].val_metric):
-                ax.plot([row.lr], [chosen[0].val_metric], "o", markersize=11, markerfacecolor="none",
-                        markeredgecolor=style["color"], markeredgewidth=1.6)
+        _marks(ax, [(p.lr, floor) for p in row.sweep if p.diverged or not math.isfinite(p.val_metric)], "x", colour)
+        _marks(ax, [(p.lr, p.val_metric) for p in row.sweep if p.stuck], "v", colour)
+        _marks(ax, [(p.lr, p.val_metric) for p in row.sweep if p.extended and p.usable], "s", colour)
+        chosen = [p for p in row.sweep if p.lr == row.lr]
+        if chosen and math.isfinite(chosen[0].val_metric):
+            ax.plot([row.lr], [chosen[0].val_metric], "o", markersize=11, markerfacecolor="none",
+                    markeredgecolor=colour, markeredgewidth=1.6)
     ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric_label} after the full budget (seed 0)",
-           title="learning-rate sensitivity (ring: chosen lr; x: diverged)")
+           title="learning-rate sensitivity (ring: chosen; x: diverged; ▼: stuck at chance; ■: grid extension)")
     ax.grid(True, which="both", alpha=0.3)
     _legend(fig, ax)
     return _png(fig)
+
+
+def _marks(ax: Any, points: Sequence[tuple[float, float]], marker: str, colour: Any) -> None:
+    if points:
+        ax.plot([x for x, _ in points], [y for _, y in points], marker, color=colour, markersize=8,
+                markerfacecolor="none" if marker == "s" else colour, linestyle="none")

@@ -17,14 +17,14 @@ class Progress:
     def add_runs(self, count: int) -> None:
         """``count`` more runs were planned than announced."""
 
-    def run_started(self, phase: str, key: RunKey) -> None:
-        """A run starts (``phase`` is "sweep" or "seeds")."""
+    def run_started(self, phase: str, key: RunKey, remote: bool = False) -> None:
+        """A run starts (``phase`` is "sweep" or "seeds"); ``remote``: handed to a worker, no step progress."""
 
     def step(self, step: int, steps: int, loss: float) -> None:
         """A training step of the current run finished."""
 
-    def run_finished(self, phase: str, record: RunRecord, reused: bool) -> None:
-        """A run finished (or was found finished in the output folder)."""
+    def run_finished(self, phase: str, record: RunRecord, reused: bool, remote: bool = False) -> None:
+        """A run finished (or was found finished in the output folder); ``remote``: trained by a worker."""
 
     def message(self, text: str) -> None:
         """A one-line note for the user."""
@@ -75,10 +75,14 @@ class RichProgress(Progress):
         if self._bar is not None:
             self._bar.update(self._overall, total=self._total * self._steps)
 
-    def run_started(self, phase: str, key: RunKey) -> None:
+    def run_started(self, phase: str, key: RunKey, remote: bool = False) -> None:
         if self._bar is not None:
             from rich.markup import escape
 
+            if remote:
+                self._bar.update(self._current, description=escape(f"[{phase}] handed to a worker: {key.label()}"),
+                                 info="")
+                return
             self._bar.reset(self._current, total=self._steps, description=escape(f"[{phase}] {key.label()}"), info="")
 
     def step(self, step: int, steps: int, loss: float) -> None:
@@ -86,11 +90,11 @@ class RichProgress(Progress):
             self._bar.update(self._current, completed=step, info=f"loss {loss:.4f}")
             self._bar.advance(self._overall)
 
-    def run_finished(self, phase: str, record: RunRecord, reused: bool) -> None:
+    def run_finished(self, phase: str, record: RunRecord, reused: bool, remote: bool = False) -> None:
         self._done += 1
         note = " (reused from the output folder)" if reused else ""
         if self._bar is not None:
-            advance = self._steps if reused else self._steps - record.steps
+            advance = self._steps if reused or remote else self._steps - record.steps
             if advance:
                 self._bar.advance(self._overall, advance)
             if reused:

@@ -62,6 +62,7 @@ class RunRecord:
     diverged: bool
     steps_to_target: int | None
     wall_s: float
+    state_bytes: int = 0
 
     @property
     def key(self) -> RunKey:

@@ -120,6 +120,20 @@ def sweep_lrs(spec: str, grid: Sequence[float], lr_scale: float = 1.0) -> tuple[
     return tuple(float(f"{centre * m:.3g}") for m in grid)
 
 
+#: Extra lrs the sweep may add beyond each edge of the grid when the best lr sits there.
+DEFAULT_LR_EXTEND = 2
+
+
+def extend_grid(grid: Sequence[float], below: int, above: int) -> tuple[float, ...]:
+    """``grid`` with ``below`` more multipliers under it and ``above`` more over it, at the grid's edge spacing."""
+    if len(grid) < 2:
+        return tuple(grid)
+    low_ratio, high_ratio = grid[1] / grid[0], grid[-1] / grid[-2]
+    lower = [grid[0] / low_ratio**k for k in range(below, 0, -1)]
+    higher = [grid[-1] * high_ratio**k for k in range(1, above + 1)]
+    return (*lower, *grid, *higher)
+
+
 def arena_hyperparameters(spec: str, steps: int) -> dict[str, Any]:
     """Settings the arena gives derivations so that they make sense for a run of ``steps`` steps.
 

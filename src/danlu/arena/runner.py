@@ -149,6 +149,7 @@ def train_run(
         step_time_s=statistics.median(step_times) if step_times else math.nan,
         state_bytes_per_param=state_bytes(optimizer) / max(1, n_params), n_params=n_params,
         diverged=diverged, steps_to_target=steps_to_target, wall_s=time.perf_counter() - started,
+        state_bytes=state_bytes(optimizer),
     )
 
 

@@ -5,26 +5,51 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 #: Task options of the command line, and the tasks that take each.
 TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "batch_size": ("digits", "ner-zh", "sentiment-en"),
-    "subset": ("ner-zh", "sentiment-en"),
-    "max_len": ("ner-zh", "sentiment-en"),
+    "batch_size": ("digits", "ner-zh", "sentiment-en", "csv", "text"),
+    "subset": ("ner-zh", "sentiment-en", "text"),
+    "max_len": ("ner-zh", "sentiment-en", "text"),
     "eval_size": ("ner-zh", "sentiment-en"),
     "head": ("ner-zh",),
-    "trainable_layers": ("sentiment-en",),
+    "trainable_layers": ("sentiment-en", "text"),
     "data_dir": ("sentiment-en",),
+    "data": ("csv", "text"),
+    "target": ("csv",),
+    "model": ("text",),
+    "text_column": ("text",),
+    "label_column": ("text",),
 }
+ARENA_TASKS = ("digits", "ner-zh", "sentiment-en", "csv", "text")
 
 
 class UserError(Exception):
     """A mistake in the command line, reported as one line without a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser that reports a mistake as one line (``danlu arena: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed package's version (its metadata); ``unknown`` for a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("danlu")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _integer(text: str) -> int:
@@ -36,12 +61,14 @@ def _integer(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``danlu`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="danlu", description="Optimizers and derived optimizers for PyTorch.")
+    parser = OneLineParser(prog="danlu", description="Optimizers and derived optimizers for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"danlu {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     arena = sub.add_parser("arena", help="compare optimizers on a real task and write a report",
                            description="Compare optimizers on a real task, fairly: an lr sweep per optimizer, "
                                        "several seeds, the same data order for everyone; writes an HTML report.")
-    arena.add_argument("--task", default="digits", help="digits (default), ner-zh or sentiment-en")
+    arena.add_argument("--task", default="digits",
+                       help="digits (default), ner-zh, sentiment-en, csv (your table) or text (your texts)")
     arena.add_argument("--optimizers", default=None, metavar="SPECS",
                        help="comma-separated create_optimizer specs, e.g. 'adamw,ranger,lamb,adamw+lookahead+ema' "
                             "(default: a broad roster)")
@@ -55,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     arena.add_argument("--fresh", action="store_true", help="retrain everything instead of resuming from DIR")
     arena.add_argument("--threads", type=_integer, default=None, help="torch CPU threads")
     arena.add_argument("--quiet", action="store_true", help="no progress display")
+    arena.add_argument("--lr-extend", type=_integer, default=None, metavar="N",
+                       help="extra lrs the sweep may add beyond an edge of the grid where the best lr sits "
+                            "(default 2; 0: never)")
+    arena.add_argument("--workers", type=_integer, default=None, metavar="N",
+                       help="runs trained at once in worker processes (default: the cores, capped by the runs)")
+    arena.add_argument("--backend", default="local", metavar="NAME",
+                       help="local (default) or ray: each run a Ray task (pip install 'danlu[ray]')")
+    arena.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="the Ray cluster to join, e.g. auto or ray://host:10001 (default: a local instance)")
     group = arena.add_argument_group("task options")
     group.add_argument("--batch-size", type=_integer, default=None)
     group.add_argument("--subset", type=_integer, default=None, help="training examples to use (ner-zh, sentiment-en)")
@@ -66,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sentiment-en: fine-tune the top N transformer layers (0: only the classifier)")
     group.add_argument("--data-dir", default=None, metavar="DIR",
                        help="sentiment-en: folder holding the vaderSentiment sdist (default: the user cache)")
+    group.add_argument("--data", default=None, metavar="FILE",
+                       help="csv, text: the data file (CSV with a header line, or JSON Lines)")
+    group.add_argument("--target", default=None, metavar="COLUMN", help="csv: the label column")
+    group.add_argument("--model", default=None, metavar="DIR",
+                       help="text: a local Hugging Face model folder (config.json, weights, tokenizer)")
+    group.add_argument("--text-column", default=None, metavar="C", help="text: the column of texts (default text)")
+    group.add_argument("--label-column", default=None, metavar="C",
+                       help="text: the column of labels (default label)")
     sub.add_parser("list", help="list tasks, optimizers, derivations and the default roster")
     from danlu.bench import add_arguments
 
@@ -85,7 +129,7 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if args.task in tasks:
             options[name] = value
-        elif args.task in ("digits", "ner-zh", "sentiment-en"):
+        elif args.task in ARENA_TASKS:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} applies to {', '.join(tasks)}, not to task {args.task!r}")
     return options
@@ -101,7 +145,9 @@ def cmd_arena(args: argparse.Namespace) -> int:
         task = make_task(args.task, **task_options(args))
         config = make_config(task, optimizers=args.optimizers, steps=args.steps, seeds=args.seeds,
                              lr_grid=args.lr_grid, eval_every=args.eval_every, out=args.out,
-                             threads=args.threads, resume=not args.fresh)
+                             threads=args.threads, resume=not args.fresh, workers=args.workers,
+                             backend=args.backend, ray_address=args.ray_address,
+                             **({} if args.lr_extend is None else {"lr_extend": args.lr_extend}))
         preflight(config)
     except (UserError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         raise UserError(str(exc)) from None
@@ -112,6 +158,10 @@ def cmd_arena(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {len(result.records)} finished run(s) kept in {config.out}; "
               "run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed (listed in the report); the finished runs are kept in "
+              f"{config.out}: run the same command again to retry", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -121,9 +171,9 @@ def print_table(result: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from danlu.arena.report import table
+    from danlu.arena.report import recommendation_lines, table
 
-    header, body = table(result.config, result.rows)
+    header, body = table(result)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -138,6 +188,8 @@ def print_table(result: Any) -> None:
     console.print(view)
     for note in notes:
         console.print(f"  note: {note}", highlight=False)
+    for line in recommendation_lines(result):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"report: {result.files['html']}", highlight=False, soft_wrap=True)
     console.print(f"summary: {result.files['markdown']}; raw curves: {result.files['csv']}, "
                   f"{result.files['json']}", highlight=False, soft_wrap=True)

@@ -115,8 +115,15 @@ class GradientClipping(Derivation):
             for (group, p), grad in zip(pairs, grads):
                 limit = group["clipvalue"]
                 ctx.scales.pop(id(p), None)
-                ctx.replace(p, grad.clamp(-limit, limit))
+                ctx.replace(p, _clamp(grad, limit))
         return None
+
+
+def _clamp(grad: Tensor, limit: float) -> Tensor:
+    """Each element clamped to [-limit, limit]; a complex one as its (real, imaginary) pair, as torch.optim treats it."""
+    if grad.is_complex():
+        return torch.view_as_complex(torch.view_as_real(grad).clamp(-limit, limit))
+    return grad.clamp(-limit, limit)
 
 
 def _mode(group: Mapping[str, Any]) -> str:
@@ -130,7 +137,7 @@ def _scaled(ctx: StepContext, p: Tensor) -> Tensor:
 
 
 def _norm_dtype(grads: list[Tensor]) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return torch.float64 if any(g.dtype in (torch.float64, torch.complex128) for g in grads) else torch.float32
 
 
 def _for_gradients(factor: Tensor, grads: list[Tensor]) -> Any:

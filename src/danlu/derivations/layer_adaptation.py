@@ -80,7 +80,7 @@ def trust_ratios(params: list[Tensor], updates: list[Tensor], lrs: list[float]) 
 
     The norms are those of the whole tensors, also when they are shards of FSDP2 DTensors.
     """
-    dtype = updates[0].dtype
+    dtype = updates[0].real.dtype  # the norms of complex tensors are real
     param_norms = torch.stack(whole_norms(params, dtype))
     update_norms = torch.stack(whole_norms(updates))
     if any(isinstance(lr, Tensor) for lr in lrs):  # traced: the lrs are 0-dim tensors

@@ -11,7 +11,7 @@ from torch import Tensor
 from danlu._validate import check_number
 from danlu.derivations._base import Derivation, checked_patterns, matches_any
 
-__all__ = ["WeightDecay"]
+__all__ = ["WeightDecay", "adopt_torch_weight_decay"]
 
 
 class WeightDecay(Derivation):
@@ -74,3 +74,38 @@ class WeightDecay(Derivation):
             return
         for u, p, lr in zip(updates, olds, lrs):
             u.add_(p.to(u.dtype), alpha=-lr * rate)
+
+
+def adopt_torch_weight_decay(host: Any, group: dict[str, Any]) -> None:
+    """Read a torch-style ``weight_decay`` entry of a param group as torch would mean it, or refuse it.
+
+    ``torch.optim`` reads a group's ``weight_decay`` as that group's decay; ``transformers.Trainer``
+    builds such groups (0.0 for biases and normalization weights). When the base optimizer takes no
+    ``weight_decay`` of its own (danlu's optimizers):
+
+    * with decoupled decay (``extend_with_weight_decay``, ``AdamW``, ``Lamb``) the entry is the group's
+      ``weight_decay_rate`` (and is removed, so that the group names the decay once);
+    * without it, a ``weight_decay`` > 0 raises a ``ValueError``: torch would decay, danlu would not.
+
+    A base that takes ``weight_decay`` itself (``torch.optim.Adam``) keeps the entry for its own decay.
+    """
+    if "weight_decay" not in group or "weight_decay" in host.defaults:
+        return
+    index = len(getattr(host, "param_groups", ()))
+    value = group["weight_decay"]
+    if any(isinstance(d, WeightDecay) for d in host._danlu_derivations):
+        if "weight_decay_rate" in group and group["weight_decay_rate"] != value:
+            raise ValueError(
+                f"param group {index} sets both weight_decay={value!r} (torch's name) and "
+                f"weight_decay_rate={group['weight_decay_rate']!r}: give one of them"
+            )
+        group["weight_decay_rate"] = group.pop("weight_decay")
+        return
+    from danlu.base import DanluOptimizer
+
+    if isinstance(host, DanluOptimizer) and value != 0:
+        raise ValueError(
+            f"param group {index} has weight_decay={value!r}, but {type(host).__name__} has no weight decay of its own: "
+            "use a class with decoupled decay (danlu.AdamW, extend_with_weight_decay), whose groups read weight_decay "
+            "as weight_decay_rate"
+        )

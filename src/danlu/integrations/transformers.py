@@ -24,12 +24,19 @@ Things to know:
   schedule into it (see the scheduler guide).
 * Checkpoints: ``Trainer`` saves ``optimizer.state_dict()``, which carries the EMA weights, Lookahead
   slow weights and every counter, so ``train(resume_from_checkpoint=...)`` resumes exactly.
+* Exporting the EMA weights: ``with ema_weights(trainer.optimizer): trainer.save_model(directory)``.
+  With ``load_best_model_at_end``, :class:`EMATrainer` ends with the EMA weights of the best checkpoint.
+* ``Trainer(optimizer_cls_and_kwargs=(danlu.AdamW, {...}))`` builds groups with torch's
+  ``weight_decay`` key; danlu reads it as the group's ``weight_decay_rate`` (see
+  :func:`danlu.derivations.weight_decay.adopt_torch_weight_decay`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -197,12 +204,28 @@ class EMATrainer(transformers.Trainer):
     the training weights back after it. Without EMA (or before the first step) it is a plain
     ``Trainer``. Set ``ema_bias_correction = False`` to evaluate the raw (not bias-corrected) average.
 
+    Checkpoints hold the training weights (so ``resume_from_checkpoint`` resumes exactly) and the
+    optimizer state, which holds the averaged weights. With ``load_best_model_at_end=True`` the best
+    checkpoint is chosen by the averaged weights' metric, and the model ends with *those* weights:
+    the averaged weights of the best checkpoint, read from its ``optimizer.pt`` (the optimizer is
+    left with that checkpoint's state). This needs the optimizer state in the checkpoints
+    (``save_only_model=False``, the default). To export the averaged weights after training without
+    it, use ``with ema_weights(trainer.optimizer): trainer.save_model(directory)``.
+
     Example:
         >>> issubclass(EMATrainer, transformers.Trainer)
         True
     """
 
     ema_bias_correction: bool = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.load_best_model_at_end and self.args.save_only_model:
+            raise ValueError(
+                "EMATrainer with load_best_model_at_end=True needs save_only_model=False: the averaged weights "
+                "of the best checkpoint are in its optimizer state"
+            )
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         with ema_weights(self.optimizer, self.ema_bias_correction):
@@ -211,3 +234,26 @@ class EMATrainer(transformers.Trainer):
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         with ema_weights(self.optimizer, self.ema_bias_correction):
             return super().predict(*args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if not ema_ready(self.optimizer):
+            return
+        checkpoint = self.state.best_model_checkpoint
+        path = os.path.join(checkpoint, transformers.trainer.OPTIMIZER_NAME) if checkpoint else ""
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"EMATrainer: the best checkpoint {checkpoint!r} has no optimizer state, which holds its averaged "
+                "weights: the model holds that checkpoint's training weights, not the evaluated averaged ones",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        inner: Any = unwrap_optimizer(self.optimizer)
+        inner.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        params = [p for group in inner.param_groups for p in group["params"]]
+        with inner.ema_weights(bias_correction=self.ema_bias_correction):
+            averaged = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, value in zip(params, averaged):
+                p.copy_(value)

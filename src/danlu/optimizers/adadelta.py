@@ -42,6 +42,8 @@ class Adadelta(DanluOptimizer):
         tensor([1.])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

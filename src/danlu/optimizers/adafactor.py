@@ -96,6 +96,8 @@ class Adafactor(DanluOptimizer):
         0.99
     """
 
+    supports_complex = False  # factoring the (real, imaginary) view would factor another shape than the parameter's
+
     def __init__(
         self,
         params: ParamsT,

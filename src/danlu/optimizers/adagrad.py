@@ -40,6 +40,8 @@ class Adagrad(DanluOptimizer):
         tensor([0.5000])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,
@@ -60,7 +62,9 @@ class Adagrad(DanluOptimizer):
         check_number("initial_accumulator_value", options["initial_accumulator_value"], low=0.0)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
-        state["sum"] = torch.full_like(p, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+        value = group["initial_accumulator_value"]
+        initial = complex(value, value) if p.is_complex() else value  # every real number of a (real, imag) pair starts there
+        state["sum"] = torch.full_like(p, initial, memory_format=torch.preserve_format)
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -49,6 +49,8 @@ class Adam(DanluOptimizer):
         tensor([0.9000, 1.1000])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

@@ -42,6 +42,8 @@ class Lion(DanluOptimizer):
         tensor([0.9000, 1.0000, 1.1000])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

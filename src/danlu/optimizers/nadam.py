@@ -48,6 +48,8 @@ class NAdam(DanluOptimizer):
         0.8944
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

@@ -50,6 +50,8 @@ class RAdam(DanluOptimizer):
         0.7
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

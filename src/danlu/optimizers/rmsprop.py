@@ -46,6 +46,8 @@ class RMSprop(DanluOptimizer):
         tensor([1.1000])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

@@ -46,6 +46,8 @@ class SGD(DanluOptimizer):
         tensor([ 0.9000, -2.1000])
     """
 
+    supports_complex = True  # updated as (real, imaginary) pairs, as torch.optim does
+
     def __init__(
         self,
         params: ParamsT,

@@ -1,4 +1,4 @@
-"""The arena's bundled tasks, by name."""
+"""The arena's tasks by name: bundled data sets, and the user's own table (csv) or texts (text)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,25 @@ def _sentiment_en(**options: Any) -> Task:
     return SentimentEnTask(**options)
 
 
+def _csv(**options: Any) -> Task:
+    from danlu.arena.tasks.table import CsvTask
+
+    return CsvTask(**options)
+
+
+def _text(**options: Any) -> Task:
+    from danlu.arena.tasks.text import TextTask
+
+    return TextTask(**options)
+
+
 #: Bundled task names and their constructors (keyword options differ per task).
 TASKS: dict[str, Callable[..., Task]] = {
     "digits": _digits,
     "ner-zh": _ner_zh,
     "sentiment-en": _sentiment_en,
+    "csv": _csv,
+    "text": _text,
 }
 
 

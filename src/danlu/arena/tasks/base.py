@@ -10,6 +10,7 @@ the same fair treatment.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,41 @@ class Evaluation:
     metric: float
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The metric of the trivial predictor on a split, and how far past it a run must get to count as learning.
+
+    A run whose final metric is not better than ``value + margin`` (``value - margin``
+    when lower is better) is *stuck at chance*: it is marked and never chosen.
+    """
+
+    value: float
+    margin: float
+
+    def stuck(self, metric: float, higher_is_better: bool) -> bool:
+        if not math.isfinite(metric):
+            return True
+        return metric <= self.value + self.margin if higher_is_better else metric >= self.value - self.margin
+
+
+def accuracy_baseline(rate: float, examples: int) -> Baseline:
+    """Chance for accuracy: the majority-class ``rate``.
+
+    The margin is two binomial standard errors (at least one example), but never
+    more than a quarter of the way from chance to a perfect score, so that a run
+    on a small evaluation split can still count as learning.
+    """
+    n = max(1, examples)
+    margin = min(max(2 * math.sqrt(rate * (1 - rate) / n), 1 / n), (1 - rate) / 4)
+    return Baseline(rate, margin)
+
+
+def majority_baseline(train_labels: torch.Tensor, labels: torch.Tensor) -> Baseline:
+    """Accuracy of always answering the most common training label, on ``labels``."""
+    majority = int(torch.bincount(train_labels.flatten()).argmax())
+    return accuracy_baseline(float((labels == majority).float().mean()), len(labels))
+
+
 @dataclass
 class TaskInfo:
     """Human-readable description of a task for the report."""
@@ -61,7 +97,6 @@ class Task(abc.ABC):
     metric: str = "accuracy"
     higher_is_better: bool = True
     target: float | None = None
-    lead: str = "metric"  # "metric" or "steps_to_target": what the table is sorted by
     lr_scale: float = 1.0  # multiplies every optimizer's typical lr for this task
     defaults: TaskDefaults = TaskDefaults(steps=200)
 
@@ -92,6 +127,10 @@ class Task(abc.ABC):
     def optimizer_parameters(self, model: nn.Module) -> Any:
         """What ``create_optimizer`` gets: the model, or the ``(name, parameter)`` pairs to train."""
         return model
+
+    def baseline(self, split: str) -> Baseline | None:
+        """The trivial predictor's metric on ``split`` (e.g. the majority class); None when there is none."""
+        return None
 
     def has_split(self, split: str) -> bool:
         """Whether the task has ``split`` ("val" always; "test" usually)."""

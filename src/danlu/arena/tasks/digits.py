@@ -28,7 +28,6 @@ def load_digits_splits() -> dict[str, Split]:
 class DigitsTask(TensorTask):
     """Classify 8x8 digits with a 64-64-10 MLP, cross-entropy loss, accuracy metric."""
 
-    lead = "steps_to_target"
     lr_scale = 10.0  # a short run of a small network wants larger steps than the usual defaults
 
     def __init__(self, *, batch_size: int = 32, hidden: int = 64, target: float = 0.9) -> None:

@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from danlu.arena._checks import check_optional_positive_int, check_positive_int
-from danlu.arena.tasks.base import Evaluation, Task, TaskDefaults, TaskInfo, epoch_batches
+from danlu.arena.tasks.base import (
+    Baseline,
+    Evaluation,
+    Task,
+    TaskDefaults,
+    TaskInfo,
+    epoch_batches,
+    majority_baseline,
+)
 
 SDIST_GLOB = "vaderSentiment-*.tar.gz"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -160,7 +168,6 @@ class SentimentEnTask(Task):
     name = "sentiment-en"
     metric = "accuracy"
     higher_is_better = True
-    lead = "metric"
     lr_scale = 0.1  # fine-tuning a pretrained encoder wants small steps
 
     def __init__(self, *, subset: int | None = 2000, batch_size: int = 16, max_len: int = 64,
@@ -237,6 +244,9 @@ class SentimentEnTask(Task):
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch
         return F.cross_entropy(model(ids, mask), labels)
+
+    def baseline(self, split: str) -> Baseline | None:
+        return majority_baseline(self.splits["train"][-1], self.splits[split][-1]) if self.splits else None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:

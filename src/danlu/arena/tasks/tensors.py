@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from danlu.arena._checks import check_positive_int
-from danlu.arena.tasks.base import Evaluation, Task, TaskDefaults, TaskInfo, epoch_batches
+from danlu.arena.tasks.base import (
+    Baseline,
+    Evaluation,
+    Task,
+    TaskDefaults,
+    TaskInfo,
+    epoch_batches,
+    majority_baseline,
+)
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,6 +146,32 @@ class TensorTask(Task):
 
     def has_split(self, split: str) -> bool:
         return split in self.data
+
+    def baseline(self, split: str) -> Baseline | None:
+        """Majority class for accuracy; for the "loss" metric, the loss of a constant prediction."""
+        if split not in self.data or "train" not in self.data:
+            return None
+        train_targets, targets = self.data["train"][1], self.data[split][1]
+        if self.metric == "accuracy" and not targets.is_floating_point() and targets.dim() == 1:
+            return majority_baseline(train_targets, targets)
+        if self.metric == "loss":
+            value = self._constant_prediction_loss(train_targets, targets)
+            return None if value is None else Baseline(value, 0.01 * abs(value))
+        return None
+
+    @torch.no_grad()
+    def _constant_prediction_loss(self, train_targets: torch.Tensor, targets: torch.Tensor) -> float | None:
+        """The loss of the best constant output: the training mean, or the log class frequencies."""
+        if targets.is_floating_point():
+            outputs = train_targets.mean(0, keepdim=True).expand_as(targets)
+        else:
+            classes = int(max(train_targets.max(), targets.max())) + 1
+            counts = torch.bincount(train_targets.flatten(), minlength=classes).double() + 1.0
+            outputs = (counts / counts.sum()).log().float().expand(len(targets), classes)
+        try:
+            return float(self.loss_fn(outputs, targets))
+        except (RuntimeError, ValueError, TypeError):
+            return None
 
     def fingerprint(self) -> dict[str, Any]:
         sizes = {key: len(split[0]) for key, split in self.data.items()}
