@@ -119,6 +119,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw+clip": ("adamw+clip", dict(lr=0.01, global_clipnorm=0.05)),
     "lamb+accum+clip": ("lamb+gradient_accumulation+clip", dict(lr=0.01, grad_accum_steps=2, global_clipnorm=0.05)),
     "adam+clipnorm": ("adam+clip", dict(lr=0.01, clipnorm=0.02)),
+    "muon": ("muon", dict(lr=0.02, ns_dtype=torch.float32)),
+    "muon+weight_decay": ("muon+weight_decay", dict(lr=0.02, weight_decay_rate=0.1, ns_dtype=torch.float32)),
+    "muon+accum+lookahead+ema": (
+        "muon+gradient_accumulation+lookahead+ema",
+        dict(lr=0.02, ns_dtype=torch.float32, adjust_lr_fn="match_rms_adamw", grad_accum_steps=2, steps_per_slow_update=2),
+    ),
+    "adam+schedule_free": ("adam+schedule_free", dict(lr=0.01, schedule_free_momentum=0.8, average_power=0.5)),
+    "torch.Adam+schedule_free": ("torch.Adam+schedule_free", dict(lr=0.01)),
     "adamw+everything": (
         "adamw+lazy+paramwise_lr+piecewise_linear_lr+gradient_accumulation+lookahead+ema+skip_nonfinite",
         dict(
@@ -149,6 +157,10 @@ DCP_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "adafactor+accum+ema": (
         "adafactor+gradient_accumulation+ema",
         dict(lr=None, beta1=0.5, min_dim_size_to_factor=4, grad_accum_steps=3, ema_momentum=0.5),
+    ),
+    "muon+accum+schedule_free+ema": (
+        "muon+gradient_accumulation+schedule_free+ema",
+        dict(lr=0.02, ns_dtype=torch.float32, grad_accum_steps=2, ema_momentum=0.5),
     ),
 }
 DCP_SAVE_AT = 3
@@ -458,10 +470,37 @@ def fsdp_bf16(rank: int, world: int, stochastic: bool) -> dict[str, Any]:
     return {
         "max_abs_diff": max(diffs),
         "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-        "state_dtypes": sorted({str(v.dtype) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0}),
-        "state_is_dtensor": all(is_dtensor(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0),
+        "state_dtypes": sorted(
+            {str(v.dtype) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        ),
+        "state_is_dtensor": all(
+            is_dtensor(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+        ),
         "finite": all(bool(torch.isfinite(full(p)).all()) for p in model.parameters()),
     }
+
+
+def fsdp_muon_spread(rank: int, world: int) -> dict[str, Any]:
+    """Under FSDP2 each Muon matrix is orthogonalized by one process: count the matrices each process does."""
+    from danlu.optimizers import muon
+
+    counted: list[int] = []
+    original = muon.newton_schulz
+
+    def counting(update: torch.Tensor, *args: Any) -> torch.Tensor:
+        counted.append(update.shape[0] if update.dim() == 3 else 1)
+        return original(update, *args)
+
+    muon.newton_schulz = counting  # type: ignore[assignment]
+    try:
+        result = equivalence("fsdp", "muon", dict(lr=0.02, ns_dtype=torch.float32), rank, world)
+    finally:
+        muon.newton_schulz = original
+    matrices = sum(1 for p in make_net().parameters() if p.dim() >= 2) - 1  # the embedding takes Adam
+    # the reference run (one process, plain tensors) orthogonalizes every matrix of every step here too
+    result["matrices_per_step"] = matrices
+    result["distributed_matrices_this_rank"] = sum(counted) - matrices * STEPS
+    return result
 
 
 def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]]:
@@ -472,6 +511,7 @@ def jobs(rank: int, world: int, out: Path) -> list[tuple[str, Callable[[], Any]]
     table.append(("ddp_accumulation", lambda: ddp_accumulation(rank, world)))
     table.append(("ddp_skip_nonfinite_local", lambda: ddp_skip_nonfinite_local(rank, world)))
     table.append(("fsdp_skip_nonfinite_one_shard", lambda: fsdp_skip_nonfinite_one_shard(rank, world)))
+    table.append(("fsdp_muon_spread", lambda: fsdp_muon_spread(rank, world)))
     table.append(("fsdp_bf16", lambda: fsdp_bf16(rank, world, stochastic=False)))
     table.append(("fsdp_bf16_stochastic_rounding", lambda: fsdp_bf16(rank, world, stochastic=True)))
     for name in DCP_SPECS:

@@ -203,6 +203,15 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     ),
     OptimizerCase("adam_no_bias_correction", D.Adam, dict(lr=0.01, bias_correction=False, eps=1e-3)),
     OptimizerCase(
+        "adamax", D.Adamax, dict(lr=0.01), spec="adamax",
+        torch_reference=TorchReference(torch.optim.Adamax, dict(lr=0.01)),
+        error_inputs=(
+            _e(ValueError, "betas", betas=(1.0, 0.999)),
+            _e(ValueError, "betas[1]", betas=(0.9, -0.1)),
+            _e(ValueError, "eps", eps=-1e-8),
+        ),
+    ),
+    OptimizerCase(
         "nadam", D.NAdam, dict(lr=0.01), spec="nadam",
         torch_reference=TorchReference(torch.optim.NAdam, dict(lr=0.01)),
         error_inputs=(
@@ -259,6 +268,30 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     OptimizerCase(
         "lazyadam", D.LazyAdam, dict(lr=0.01), spec="lazyadam", supports_sparse=True, native=False,
         error_inputs=(_e(ValueError, "betas", betas=(0.9, -0.1)),),
+    ),
+    OptimizerCase(
+        "muon", D.Muon, dict(lr=0.02, ns_dtype=torch.float64, exclude_from_muon=["embeddings"]), spec="muon",
+        supports_complex=False, needs_names=True, native=False,
+        error_inputs=(
+            _e(ValueError, "momentum", momentum=1.0),
+            _e(ValueError, "momentum", momentum=-0.1),
+            _e(TypeError, "nesterov", nesterov=1),
+            _e(ValueError, "ns_coefficients", ns_coefficients=(1.0, 2.0)),
+            _e(ValueError, "ns_coefficients[1]", ns_coefficients=(1.0, math.nan, 2.0)),
+            _e(TypeError, "ns_coefficients", ns_coefficients="abc"),
+            _e(ValueError, "ns_steps", ns_steps=0),
+            _e(ValueError, "ns_steps", ns_steps=100),
+            _e(TypeError, "ns_steps", ns_steps=5.0),
+            _e(ValueError, "eps", eps=-1e-7),
+            _e(ValueError, "adjust_lr_fn", adjust_lr_fn="spectral"),
+            _e(ValueError, "ns_dtype", ns_dtype=torch.int32),
+            _e(TypeError, "ns_dtype", ns_dtype="bfloat16"),
+            _e(ValueError, "adam_betas[1]", adam_betas=(0.9, 1.0)),
+            _e(TypeError, "adam_betas", adam_betas=0.9),
+            _e(ValueError, "adam_eps", adam_eps=-1e-8),
+            _e(ValueError, "exclude_from_muon", exclude_from_muon=["("]),
+            _e(TypeError, "exclude_from_muon", exclude_from_muon=[3]),
+        ),
     ),
     OptimizerCase(
         "adamw", D.AdamW, dict(lr=0.01, weight_decay_rate=0.1), spec="adamw", holds=("weight_decay",),
@@ -371,6 +404,17 @@ DERIVATION_CASES: list[DerivationCase] = [
             _e(ValueError, "clipnorm", clipnorm=-1.0),
             _e(TypeError, "clipvalue", clipvalue="1"),
             _e(ValueError, "global_clipnorm, clipvalue", global_clipnorm=1.0, clipvalue=1.0),
+        ),
+    ),
+    DerivationCase(
+        "schedule_free", D.extend_with_schedule_free, dict(schedule_free_momentum=0.8, average_power=0.5), has_after_step=True,
+        error_inputs=(
+            _e(ValueError, "schedule_free_momentum", schedule_free_momentum=1.0),
+            _e(ValueError, "schedule_free_momentum", schedule_free_momentum=-0.5),
+            _e(ValueError, "weight_lr_power", weight_lr_power=-1.0),
+            _e(ValueError, "weight_lr_power", weight_lr_power=math.inf),
+            _e(ValueError, "average_power", average_power=math.nan),
+            _e(TypeError, "average_power", average_power="1"),
         ),
     ),
     DerivationCase(

@@ -72,7 +72,7 @@ def _log_skip(nodeid: str) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped:
+    if report.skipped and not hasattr(report, "wasxfail"):
         _log_skip(report.nodeid)
 
 

@@ -152,6 +152,18 @@ def test_bf16_parameters_under_fsdp2_have_float32_dtensor_state(job: dict[str, A
         assert r["max_abs_diff"] <= 2.0**-5
 
 
+def test_fsdp_spreads_muons_newton_schulz_over_the_processes(job: dict[str, Any]) -> None:
+    """Each matrix is orthogonalized by exactly one process (gathered there, its result scattered back)."""
+    done = []
+    for rank in (0, 1):
+        r = result(job, "fsdp_muon_spread", rank)
+        assert r["params_err"] <= TOL and r["state_err"] <= TOL
+        done.append(r["distributed_matrices_this_rank"])
+    matrices = result(job, "fsdp_muon_spread")["matrices_per_step"]
+    assert sum(done) == matrices * job_cases.STEPS
+    assert all(0 < d < matrices * job_cases.STEPS for d in done)
+
+
 def test_job_runtime_is_small(job: dict[str, Any]) -> None:
     """The whole distributed job (spawn included) stays well under the CI budget."""
     assert job["_wall_seconds"] < 120

@@ -72,8 +72,8 @@ def test_every_derivation_and_optimizer_has_a_page():
     import danlu
 
     nav = " ".join(_nav_pages(_config()["nav"]))
-    for name in ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "LazyAdam",
-                 "AdamW", "Lamb", "Ranger"):
+    for name in ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "Adamax", "Muon",
+                 "LazyAdam", "AdamW", "Lamb", "Ranger"):
         assert f"optimizers/{name.lower()}.md" in nav
         assert f"::: danlu.{name}" in (DOCS / "optimizers" / f"{name.lower()}.md").read_text()
     for function in (n for n in danlu.__all__ if n.startswith("extend_with_")):

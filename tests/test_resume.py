@@ -15,8 +15,13 @@ STOPS = (1, 2, 4, 5, 7)  # mid accumulation cycle, between Lookahead syncs, righ
 CALLS = 9
 MATRIX = [[case.id] for case in DERIVATION_CASES] + [
     ["gradient_accumulation", "piecewise_linear_lr", "weight_decay", "layer_adaptation", "lookahead", "ema"],
+    ["gradient_accumulation", "clip", "lookahead"],
+    ["schedule_free", "gradient_accumulation", "ema"],
 ]
-BASES = {name: (OPTIMIZERS[name].cls, dict(OPTIMIZERS[name].kwargs)) for name in ("adam", "adafactor_relative_step_momentum", "torch.AdamW")}
+BASES = {
+    name: (OPTIMIZERS[name].cls, dict(OPTIMIZERS[name].kwargs))
+    for name in ("adam", "adafactor_relative_step_momentum", "torch.AdamW", "muon")
+}
 BASES["torch.AdamW"][1]["weight_decay"] = 0.0  # the matrix's weight_decay derivation decays instead
 
 

@@ -4,6 +4,7 @@ from danlu import distributed as distributed  # DDP gradient accumulation with o
 from danlu import grouping as grouping  # timm-style parameter groups, layer-wise lr decay
 from danlu import integrations as integrations  # Trainer / Lightning helpers; imports no framework itself
 from danlu.base import DanluOptimizer
+from danlu.cli.main import version as _installed_version
 from danlu.derive import (
     extend_with_exponential_moving_average,
     extend_with_gradient_accumulation,
@@ -13,25 +14,15 @@ from danlu.derive import (
     extend_with_lookahead,
     extend_with_parameter_wise_lr,
     extend_with_piecewise_linear_lr,
+    extend_with_schedule_free,
     extend_with_skip_nonfinite,
     extend_with_weight_decay,
 )
 from danlu.factory import create_optimizer
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
-
-def _installed_version() -> str:
-    """The version in the package's metadata; ``unknown`` for a source tree that is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("danlu")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-__version__ = _installed_version()
+__version__ = _installed_version()  # the package's metadata, as `danlu --version` prints it
 del _installed_version
 
 __all__ = [
@@ -45,6 +36,8 @@ __all__ = [
     "RAdam",
     "Adafactor",
     "Lion",
+    "Adamax",
+    "Muon",
     "LazyAdam",
     "AdamW",
     "Lamb",
@@ -59,6 +52,7 @@ __all__ = [
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
     "extend_with_gradient_clipping",
+    "extend_with_schedule_free",
     "create_optimizer",
     "distributed",
 ]

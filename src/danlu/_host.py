@@ -159,6 +159,7 @@ class DerivationHost(torch.optim.Optimizer):
 
     def _apply_step(self, ctx: StepContext) -> None:
         derivations = self._danlu_derivations
+        ctx.cleanup.append(self._finish_derivations)
         ctx.lr_scales = [math.prod(d.lr_multiplier(g) for d in derivations) for g in self.param_groups]
         for derivation in derivations:
             for group in self.param_groups:
@@ -213,6 +214,10 @@ class DerivationHost(torch.optim.Optimizer):
         if gate is not None:
             gate.close()
         ctx.finish(False)
+
+    def _finish_derivations(self, failed: bool) -> None:
+        for derivation in self._danlu_derivations:
+            derivation.finish(self, failed)
 
     @staticmethod
     def _after_step_params(ctx: StepContext, index: int, group: dict[str, Any]) -> list[Tensor]:

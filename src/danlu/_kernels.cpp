@@ -2,29 +2,36 @@
 //
 // Built on first use by danlu/_native.py with the system C++ compiler and loaded with ctypes (no torch
 // headers, so it builds in seconds). Every kernel streams each array once: it reads the parameter, the
-// gradient and the state, computes the algorithm's update u in registers/L1 (blocks of BS elements),
-// applies the derivations folded into it and writes the new parameter and state:
+// gradient and the state, computes the algorithm's update u in registers, applies the derivations
+// folded into it and writes the new parameter and state:
 //
-//   g    = (g + accum) / k               (gradient accumulation, applying call; accum <- 0; g is never written)
+//   g    = ((g + accum) / k) * s         (accum: gradient accumulation's applying call, accum <- 0;
+//                                         s: the tensor's gradient scale; g itself is never written)
 //   u    = algorithm(g, state)           (state updated in place)
 //   d    = A * u + B * p                 (weight decay, parameter-wise lr, trust ratio folded into A, B)
 //   p   <- p + d
 //   slow <- lerp(slow, p, alpha); p <- slow   (Lookahead, on its sync steps)
-//   ema  <- lerp(ema, p, 1 - mu)              (EMA; before or after Lookahead, in the stack's order)
+//   ema  <- lerp(ema, p, w)                   (EMA; of the parameter before or after Lookahead's sync)
 //
-// Layer adaptation needs the norms of d and p before anything is written: phase NORM computes them
-// (and, for algorithms whose u can be recomputed from the new state, writes the state), phase APPLY
-// then writes the parameter with the trust ratio folded into A and B.
+// Each algorithm is one per-element body, step<V, Stage>(), where V is a variant chosen once per
+// tensor from the coefficients (SGD's momentum and Nesterov, Adam's branch of lerp, ...). One loop
+// (`body`) runs it for every phase: FULL writes the state and the parameter; ADAPT (layer
+// adaptation) first computes the norms of d and p (NORM), then the trust ratio, then writes with the
+// ratio folded into A and B. Where u can be recomputed from the new state alone (Adam, RAdam,
+// Adamax, momentum SGD and RMSprop) NORM advances the state and the write reads p and the state
+// only; elsewhere NORM writes nothing and the write is a full step.
 //
 // Arithmetic follows the per-tensor reference (danlu's _update_single) operation by operation, in the
 // parameter's dtype, without FMA contraction (-ffp-contract=off), so results equal the reference to
 // rounding. Only float and double are handled; the Python side falls back for anything else.
+//
+// The names below are those of danlu/_native_spec.py (tests/test_native_driver.py checks them).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+#include <limits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -32,14 +39,24 @@
 
 namespace {
 
-constexpr int64_t BS = 256;            // block length: every temporary lives in L1
-constexpr int64_t PAR_MIN = 1 << 16;   // tensors at least this long are split across threads
-constexpr int NSLOT = 8;               // p, g, s0, s1, s2, accum, slow, ema
-constexpr int NCOEF = 20;              // 0-9 algorithm, 10 A, 11 B, 12 k, 13 alpha, 14 ema weight, 15-17 adapt
+enum class Kernel : int { SGD = 0, ADAGRAD = 1, ADADELTA = 2, RMSPROP = 3, ADAM = 4, NADAM = 5, RADAM = 6, LION = 7, ADAMAX = 8, ADAFACTOR = 9 };
+enum class Slot : int { PARAM = 0, GRAD = 1, STATE0 = 2, STATE1 = 3, STATE2 = 4, ACCUM = 5, SLOW = 6, EMA = 7, NSLOT = 8 };
+enum class Mode : int { ACCUM = 1, SYNC = 2, EMA = 4, EMA_FIRST = 8 };
+enum class Phase : int { FULL = 0, NORM = 1, ADAPT = 2 };
+enum class Col : int {
+  A = 10, B = 11, ACCUM_K = 12, SLOW_STEP = 13, EMA_WEIGHT = 14, POST_A = 15, POST_B = 16, LR = 17, GRAD_SCALE = 18, NCOEF = 20
+};
 
-enum { ALG_SGD = 0, ALG_ADAGRAD = 1, ALG_ADADELTA = 2, ALG_RMSPROP = 3, ALG_ADAM = 4, ALG_NADAM = 5, ALG_RADAM = 6, ALG_LION = 7 };
-enum { M_ACCUM = 1, M_SYNC = 2, M_EMA = 4, M_EMA_FIRST = 8 };
-enum { PH_FULL = 0, PH_NORM = 1, PH_APPLY = 2, PH_ADAPT = 3 };
+template <class E>
+constexpr int I(E e) { return static_cast<int>(e); }
+
+constexpr int NSLOT = I(Slot::NSLOT);
+constexpr int NCOEF = I(Col::NCOEF);
+constexpr int64_t BS = 256;            // block of the norm sums: partial sums in T, totals in double
+constexpr int64_t PAR_MIN = 1 << 16;   // tensors at least this long are split across threads
+
+inline bool has(int mode, Mode m) { return (mode & I(m)) != 0; }
+inline bool small(double w) { return std::abs(w) < 0.5; }
 
 template <typename T>
 inline T lerp(T self, T end, T w) {
@@ -58,521 +75,374 @@ inline T sgn(T x) {
   return T((x > T(0)) - (x < T(0)));
 }
 
-// ------------------------------------------------------------------ algorithms
-// update(): advance the state in place and write the update u; recompute(): u from the new state.
+// What one call of an algorithm's step does at an element: FULL advances the state and returns u;
+// PURE returns u and writes nothing; ADVANCE is FULL for layer adaptation's norm pass; RECOMPUTE
+// returns u from the already advanced state, without the gradient (only where recomputes(V)).
+enum class Stage { FULL, PURE, ADVANCE, RECOMPUTE };
 
-template <typename T, bool MOM, bool FIRST, bool NEST>
-void sgd_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict buf) {
-  const T mu = T(c[1]), damp = T(c[2]), nl = T(c[5]), A = T(c[10]), B = T(c[11]);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T gj = g[j];
-    T u;
-    if constexpr (MOM) {
-      const T bj = FIRST ? gj : buf[j] * mu + damp * gj;
-      buf[j] = bj;
-      u = (NEST ? gj + mu * bj : bj) * nl;
-    } else {
-      u = gj * nl;
-    }
-    const T pj = p[j];
-    p[j] = pj + (A * u + B * pj);
-  }
-}
+constexpr bool writes(Stage s) { return s == Stage::FULL || s == Stage::ADVANCE; }
+
+// The passes of one tensor: the step, layer adaptation's norms, and its write after the norms.
+enum class Pass { STEP, NORM, APPLY };
+
+// ------------------------------------------------------------------ algorithms
+// Each: NV variants, variant(c), constants K(c), step<V, Stage>(k, g, s0, s1, s2, j) -> u, which reads
+// the state at j and writes it back when the stage writes, and recomputes(V): whether u follows from
+// the advanced state alone (Stage::RECOMPUTE). Columns 0-9 of c are the algorithm's.
 
 template <typename T>
-struct Sgd {  // c: 0 has momentum, 1 mu, 2 1-dampening, 3 nesterov, 4 first step, 5 -lr
-  static constexpr bool RECOMP = true;
-  static constexpr bool DIRECT = true;
-  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T*, T*) {
-    const bool mom = c[0] != 0, first = c[4] != 0, nest = c[3] != 0;
-    if (!mom) return sgd_loop<T, false, false, false>(c, n, p, g, s0);
-    if (first) return nest ? sgd_loop<T, true, true, true>(c, n, p, g, s0) : sgd_loop<T, true, true, false>(c, n, p, g, s0);
-    return nest ? sgd_loop<T, true, false, true>(c, n, p, g, s0) : sgd_loop<T, true, false, false>(c, n, p, g, s0);
+struct Sgd {  // c: 0 has momentum, 1 mu, 2 1-dampening, 3 nesterov, 4 first step, 5 -lr; s0 momentum_buffer
+  static constexpr int NV = 5;  // 0 plain, 1 first nesterov, 2 first, 3 nesterov, 4 momentum
+  static int variant(const double* c) {
+    if (c[0] == 0) return 0;
+    return (c[4] != 0 ? 1 : 3) + (c[3] != 0 ? 0 : 1);
   }
-  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
-    const T mu = T(c[1]), damp = T(c[2]), nl = T(c[5]);
-    if (c[0] == 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = g[j] * nl;
-      return;
-    }
-    if (c[4] != 0) {
-      for (int64_t j = 0; j < n; ++j) s0[j] = g[j];
+  struct K {
+    T mu, damp, nl;
+    explicit K(const double* c) : mu(T(c[1])), damp(T(c[2])), nl(T(c[5])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T*, T*, int64_t j) {
+    if constexpr (V == 0) {
+      return g * k.nl;
     } else {
-      for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] * mu + damp * g[j];
-    }
-    recompute(c, n, g, s0, nullptr, nullptr, u);
-  }
-  static void recompute(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
-    const T mu = T(c[1]), nl = T(c[5]);
-    if (c[0] == 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = g[j] * nl;
-    } else if (c[3] != 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = (g[j] + mu * s0[j]) * nl;
-    } else {
-      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * nl;
+      constexpr bool first = V == 1 || V == 2, nest = V == 1 || V == 3;
+      const T b = S == Stage::RECOMPUTE ? s0[j] : first ? g : s0[j] * k.mu + k.damp * g;
+      if constexpr (writes(S)) s0[j] = b;
+      return (nest ? g + k.mu * b : b) * k.nl;
     }
   }
+  static constexpr bool recomputes(int v) { return v == 2 || v == 4; }  // u = buffer * (-lr)
 };
 
 template <typename T>
-struct Adagrad {  // c: 0 -lr, 1 eps
-  static constexpr bool RECOMP = true;
-  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
-    for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] + g[j] * g[j];
-    recompute(c, n, g, s0, nullptr, nullptr, u);
+struct Adagrad {  // c: 0 -lr, 1 eps; s0 sum
+  static constexpr int NV = 1;
+  static int variant(const double*) { return 0; }
+  struct K {
+    T nl, eps;
+    explicit K(const double* c) : nl(T(c[0])), eps(T(c[1])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T*, T*, int64_t j) {
+    const T s = s0[j] + g * g;
+    if constexpr (writes(S)) s0[j] = s;
+    return g / (std::sqrt(s) + k.eps) * k.nl;
   }
-  static void recompute(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
-    const T nl = T(c[0]), eps = T(c[1]);
-    for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j]) + eps) * nl;
-  }
+  static constexpr bool recomputes(int) { return false; }
 };
 
 template <typename T>
 struct Adadelta {  // c: 0 rho, 1 1-rho, 2 eps, 3 -lr; s0 square_avg, s1 acc_delta
-  static constexpr bool RECOMP = false;
-  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
-    const T rho = T(c[0]), omr = T(c[1]), eps = T(c[2]), nl = T(c[3]);
-    for (int64_t j = 0; j < n; ++j) {
-      const T sq = s0[j] * rho + omr * g[j] * g[j];
-      const T delta = std::sqrt(s1[j] + eps) / std::sqrt(sq + eps) * g[j];
+  static constexpr int NV = 1;
+  static int variant(const double*) { return 0; }
+  struct K {
+    T rho, omr, eps, nl;
+    explicit K(const double* c) : rho(T(c[0])), omr(T(c[1])), eps(T(c[2])), nl(T(c[3])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T*, int64_t j) {
+    const T sq = s0[j] * k.rho + k.omr * g * g;
+    const T delta = std::sqrt(s1[j] + k.eps) / std::sqrt(sq + k.eps) * g;
+    if constexpr (writes(S)) {
       s0[j] = sq;
-      s1[j] = s1[j] * rho + omr * delta * delta;
-      u[j] = delta * nl;
+      s1[j] = s1[j] * k.rho + k.omr * delta * delta;
     }
+    return delta * k.nl;
   }
-  static void recompute(const double*, int64_t, const T*, T*, T*, T*, T*) {}
+  static constexpr bool recomputes(int) { return false; }
 };
 
 template <typename T>
 struct Rmsprop {  // c: 0 alpha, 1 1-alpha, 2 eps, 3 -lr, 4 centered, 5 has momentum, 6 mu
   // s0 square_avg, s1 momentum_buffer, s2 grad_avg
-  static constexpr bool RECOMP = true;
-  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T* s2, T* u) {
-    const T alpha = T(c[0]), oma = T(c[1]);
-    for (int64_t j = 0; j < n; ++j) s0[j] = s0[j] * alpha + oma * g[j] * g[j];
-    if (c[4] != 0) {
-      for (int64_t j = 0; j < n; ++j) s2[j] = lerp(s2[j], g[j], oma);
-    }
-    if (c[5] != 0) {
-      const T eps = T(c[2]), mu = T(c[6]);
-      if (c[4] != 0) {
-        for (int64_t j = 0; j < n; ++j) s1[j] = s1[j] * mu + g[j] / (std::sqrt(s0[j] - s2[j] * s2[j]) + eps);
-      } else {
-        for (int64_t j = 0; j < n; ++j) s1[j] = s1[j] * mu + g[j] / (std::sqrt(s0[j]) + eps);
-      }
-    }
-    recompute(c, n, g, s0, s1, s2, u);
-  }
-  static void recompute(const double* c, int64_t n, const T* g, T* s0, T* s1, T* s2, T* u) {
-    const T eps = T(c[2]), nl = T(c[3]);
-    if (c[5] != 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = s1[j] * nl;
-    } else if (c[4] != 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j] - s2[j] * s2[j]) + eps) * nl;
+  static constexpr int NV = 4;  // bit 0 centered, bit 1 momentum
+  static int variant(const double* c) { return (c[4] != 0 ? 1 : 0) + (c[5] != 0 ? 2 : 0); }
+  struct K {
+    T alpha, oma, eps, nl, mu;
+    explicit K(const double* c) : alpha(T(c[0])), oma(T(c[1])), eps(T(c[2])), nl(T(c[3])), mu(T(c[6])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T* s2, int64_t j) {
+    constexpr bool centered = V & 1, momentum = V & 2;
+    if constexpr (S == Stage::RECOMPUTE) return s1[j] * k.nl;
+    const T sq = s0[j] * k.alpha + k.oma * g * g;
+    if constexpr (writes(S)) s0[j] = sq;
+    T den;
+    if constexpr (centered) {
+      const T ga = lerp(s2[j], g, k.oma);
+      if constexpr (writes(S)) s2[j] = ga;
+      den = std::sqrt(sq - ga * ga) + k.eps;
     } else {
-      for (int64_t j = 0; j < n; ++j) u[j] = g[j] / (std::sqrt(s0[j]) + eps) * nl;
+      den = std::sqrt(sq) + k.eps;
+    }
+    if constexpr (momentum) {
+      const T b = s1[j] * k.mu + g / den;
+      if constexpr (writes(S)) s1[j] = b;
+      return b * k.nl;
+    } else {
+      return g / den * k.nl;
+    }
+  }
+  static constexpr bool recomputes(int v) { return (v & 2) != 0; }  // u = buffer * (-lr)
+};
+
+// Adam's moments, shared by Adam, NAdam and RAdam: m <- lerp(m, g, 1-b1), v <- b2 v + (1-b2) g^2
+template <typename T>
+struct Moments {
+  T w1, omw1, b2, omb2;
+  explicit Moments(const double* c) : w1(T(c[0])), omw1(T(1) - T(c[0])), b2(T(c[1])), omb2(T(c[2])) {}
+  template <bool SMALL, Stage S>
+  inline void advance(T g, T* s0, T* s1, int64_t j, T& m, T& v) const {
+    if constexpr (S == Stage::RECOMPUTE) {  // the moments are already the new ones
+      m = s0[j];
+      v = s1[j];
+      return;
+    }
+    m = lerp_k<SMALL>(s0[j], g, w1, omw1);
+    v = s1[j] * b2 + omb2 * g * g;
+    if constexpr (writes(S)) {
+      s0[j] = m;
+      s1[j] = v;
     }
   }
 };
 
 template <typename T>
-inline void adam_moments(const double* c, int64_t n, const T* g, T* m, T* v) {
-  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]);
-  for (int64_t j = 0; j < n; ++j) {
-    m[j] = lerp(m[j], g[j], w1);
-    v[j] = v[j] * b2 + omb2 * g[j] * g[j];
+struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t); s0 exp_avg, s1 exp_avg_sq
+  static constexpr int NV = 2;  // the branch of lerp
+  static int variant(const double* c) { return small(c[0]) ? 0 : 1; }
+  struct K {
+    Moments<T> mo;
+    T bc2, eps, k;
+    explicit K(const double* c) : mo(c), bc2(T(c[3])), eps(T(c[4])), k(T(c[5])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T*, int64_t j) {
+    T m, v;
+    k.mo.template advance<V == 0, S>(g, s0, s1, j, m, v);
+    return m / (std::sqrt(v) / k.bc2 + k.eps) * k.k;
   }
-}
-
-// Adam's common case (no accumulation, Lookahead sync or EMA in this pass) as one loop per element:
-// the staged blocks cost compute that shows when the data sit in cache.
-template <typename T, bool SMALL>
-void adam_direct_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m,
-                      T* __restrict v) {
-  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
-  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T gj = g[j], mo = m[j];
-    const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
-    const T vj = v[j] * b2 + omb2 * gj * gj;
-    m[j] = mj;
-    v[j] = vj;
-    const T u = mj / (std::sqrt(vj) / bc2 + eps) * k;
-    const T pj = p[j];
-    p[j] = pj + (A * u + B * pj);
-  }
-}
-
-// Adam's pass with the derivations' epilogues (accumulation, Lookahead sync, EMA) in the same loop
-template <typename T, bool SMALL, bool ACC, bool SYNC, bool EMA, bool EFIRST>
-void adam_modes_loop(const double* c, int64_t n, T* __restrict p, T* __restrict g, T* __restrict m, T* __restrict v,
-                     T* __restrict acc, T* __restrict slow, T* __restrict ema) {
-  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
-  const T A = T(c[10]), B = T(c[11]), kk = T(c[12]), alpha = T(c[13]), ew = T(c[14]), omw1 = T(1) - w1;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    T gj = g[j];
-    if constexpr (ACC) {
-      gj = (gj + acc[j]) / kk;
-      acc[j] = T(0);
-    }
-    const T mo = m[j];
-    const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
-    const T vj = v[j] * b2 + omb2 * gj * gj;
-    m[j] = mj;
-    v[j] = vj;
-    const T u = mj / (std::sqrt(vj) / bc2 + eps) * k;
-    const T pj = p[j];
-    T pn = pj + (A * u + B * pj);
-    if constexpr (EMA && EFIRST) ema[j] = lerp(ema[j], pn, ew);
-    if constexpr (SYNC) {
-      const T sl = lerp(slow[j], pn, alpha);
-      slow[j] = sl;
-      pn = sl;
-    }
-    if constexpr (EMA && !EFIRST) ema[j] = lerp(ema[j], pn, ew);
-    p[j] = pn;
-  }
-}
-
-template <typename T, bool SMALL, bool ACC>
-void adam_modes_2(const double* c, int mode, int64_t n, T* p, T* g, T* m, T* v, T* acc, T* slow, T* ema) {
-  const bool s = mode & M_SYNC, e = mode & M_EMA, f = mode & M_EMA_FIRST;
-  if (s) {
-    if (!e) return adam_modes_loop<T, SMALL, ACC, true, false, false>(c, n, p, g, m, v, acc, slow, ema);
-    if (f) return adam_modes_loop<T, SMALL, ACC, true, true, true>(c, n, p, g, m, v, acc, slow, ema);
-    return adam_modes_loop<T, SMALL, ACC, true, true, false>(c, n, p, g, m, v, acc, slow, ema);
-  }
-  if (!e) return adam_modes_loop<T, SMALL, ACC, false, false, false>(c, n, p, g, m, v, acc, slow, ema);
-  return adam_modes_loop<T, SMALL, ACC, false, true, false>(c, n, p, g, m, v, acc, slow, ema);
-}
-
-template <typename T>
-void adam_modes(const double* c, int mode, int64_t n, T* p, T* g, T* m, T* v, T* acc, T* slow, T* ema) {
-  const bool small = std::abs(T(c[0])) < T(0.5), a = mode & M_ACCUM;
-  if (small) {
-    if (a) return adam_modes_2<T, true, true>(c, mode, n, p, g, m, v, acc, slow, ema);
-    return adam_modes_2<T, true, false>(c, mode, n, p, g, m, v, acc, slow, ema);
-  }
-  if (a) return adam_modes_2<T, false, true>(c, mode, n, p, g, m, v, acc, slow, ema);
-  return adam_modes_2<T, false, false>(c, mode, n, p, g, m, v, acc, slow, ema);
-}
-
-// layer adaptation's two passes over Adam, each one loop: the norms (advancing m and v), then the write
-template <typename T, bool SMALL>
-void adam_norm_loop(const double* c, int64_t n, const T* __restrict p, const T* __restrict g, T* __restrict m,
-                    T* __restrict v, double* red) {
-  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]);
-  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
-  double sd = 0, sp = 0;
-  for (int64_t b0 = 0; b0 < n; b0 += BS) {  // partial sums per block in T, totals in double
-    const int64_t e = std::min(n, b0 + BS);
-    T bd = 0, bp = 0;
-#pragma omp simd reduction(+ : bd, bp)
-    for (int64_t j = b0; j < e; ++j) {
-      const T gj = g[j], mo = m[j];
-      const T mj = SMALL ? mo + w1 * (gj - mo) : gj - (gj - mo) * omw1;
-      const T vj = v[j] * b2 + omb2 * gj * gj;
-      m[j] = mj;
-      v[j] = vj;
-      const T d = A * (mj / (std::sqrt(vj) / bc2 + eps) * k) + B * p[j];
-      bd += d * d;
-      bp += p[j] * p[j];
-    }
-    sd += double(bd);
-    sp += double(bp);
-  }
-  red[0] += sd;
-  red[1] += sp;
-}
-
-template <typename T>
-void adam_apply_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict m, const T* __restrict v) {
-  const T bc2 = T(c[3]), eps = T(c[4]), k = T(c[5]), A = T(c[10]), B = T(c[11]);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T pj = p[j];
-    p[j] = pj + (A * (m[j] / (std::sqrt(v[j]) / bc2 + eps) * k) + B * pj);
-  }
-}
-
-template <typename T>
-void adam_direct(const double* c, int64_t n, T* p, const T* g, T* m, T* v) {
-  if (std::abs(T(c[0])) < T(0.5)) {
-    adam_direct_loop<T, true>(c, n, p, g, m, v);
-  } else {
-    adam_direct_loop<T, false>(c, n, p, g, m, v);
-  }
-}
-
-template <typename T>
-struct Adam {  // c: 0 1-b1, 1 b2, 2 1-b2, 3 sqrt(1-b2^t), 4 eps, 5 -lr/(1-b1^t)
-  static constexpr bool RECOMP = true;
-  static constexpr bool DIRECT = true;
-  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) { adam_direct(c, n, p, g, s0, s1); }
-  static void direct_norm(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*, double* red) {
-    if (std::abs(T(c[0])) < T(0.5)) {
-      adam_norm_loop<T, true>(c, n, p, g, s0, s1, red);
-    } else {
-      adam_norm_loop<T, false>(c, n, p, g, s0, s1, red);
-    }
-  }
-  static void direct_apply(const double* c, int64_t n, T* p, const T*, T* s0, T* s1, T*) { adam_apply_loop(c, n, p, s0, s1); }
-  static void direct_modes(const double* c, int mode, int64_t n, T* p, T* g, T* s0, T* s1, T*, T* acc, T* slow, T* ema) {
-    adam_modes(c, mode, n, p, g, s0, s1, acc, slow, ema);
-  }
-  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
-    adam_moments(c, n, g, s0, s1);
-    recompute(c, n, g, s0, s1, nullptr, u);
-  }
-  static void recompute(const double* c, int64_t n, const T*, T* s0, T* s1, T*, T* u) {
-    // m / (sqrt(v) / bc2 + eps) * k, with one division: (m * (k * bc2)) / (sqrt(v) + eps * bc2)
-    const T bc2 = T(c[3]), eps = T(c[4] * c[3]), k = T(c[5] * c[3]);
-    for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * k / (std::sqrt(s1[j]) + eps);
-  }
+  static constexpr bool recomputes(int) { return true; }
 };
-
-template <typename T, bool SMALL, int KIND>  // KIND 0: NAdam, 1: RAdam rectified, 2: RAdam not rectified
-void adamlike_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v) {
-  const T w1 = T(c[0]), b2 = T(c[1]), omb2 = T(c[2]), bc2 = T(c[3]), eps = T(c[4]), c5 = T(c[5]), c6 = T(c[6]);
-  const T A = T(c[10]), B = T(c[11]), omw1 = T(1) - w1;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T gj = g[j];
-    const T mj = lerp_k<SMALL>(m[j], gj, w1, omw1);
-    const T vj = v[j] * b2 + omb2 * gj * gj;
-    m[j] = mj;
-    v[j] = vj;
-    T u;
-    if constexpr (KIND == 0) {
-      const T denom = std::sqrt(vj) / bc2 + eps;
-      u = gj / denom * c5 + c6 * (mj / denom);
-    } else if constexpr (KIND == 1) {
-      u = mj / (std::sqrt(vj) + eps) * c6;
-    } else {
-      u = mj * c5;
-    }
-    const T pj = p[j];
-    p[j] = pj + (A * u + B * pj);
-  }
-}
-
-template <typename T, int KIND>
-void adamlike(const double* c, int64_t n, T* p, const T* g, T* m, T* v) {
-  if (std::abs(T(c[0])) < T(0.5)) {
-    adamlike_loop<T, true, KIND>(c, n, p, g, m, v);
-  } else {
-    adamlike_loop<T, false, KIND>(c, n, p, g, m, v);
-  }
-}
 
 template <typename T>
 struct Nadam {  // c: 0-4 as Adam, 5 grad coefficient, 6 momentum coefficient
-  static constexpr bool RECOMP = true;
-  static constexpr bool DIRECT = true;
-  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) { adamlike<T, 0>(c, n, p, g, s0, s1); }
-  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
-    adam_moments(c, n, g, s0, s1);
-    recompute(c, n, g, s0, s1, nullptr, u);
+  static constexpr int NV = 2;
+  static int variant(const double* c) { return small(c[0]) ? 0 : 1; }
+  struct K {
+    Moments<T> mo;
+    T bc2, eps, gc, mc;
+    explicit K(const double* c) : mo(c), bc2(T(c[3])), eps(T(c[4])), gc(T(c[5])), mc(T(c[6])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T*, int64_t j) {
+    T m, v;
+    k.mo.template advance<V == 0, S>(g, s0, s1, j, m, v);
+    const T denom = std::sqrt(v) / k.bc2 + k.eps;
+    return g / denom * k.gc + k.mc * (m / denom);
   }
-  static void recompute(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
-    const T bc2 = T(c[3]), eps = T(c[4]), gc = T(c[5]), mc = T(c[6]);
-    for (int64_t j = 0; j < n; ++j) {
-      const T denom = std::sqrt(s1[j]) / bc2 + eps;
-      u[j] = g[j] / denom * gc + mc * (s0[j] / denom);
-    }
-  }
+  static constexpr bool recomputes(int) { return false; }
 };
 
 template <typename T>
 struct Radam {  // c: 0-2 as Adam, 3 rectified, 4 eps, 5 scale, 6 scale * adaptive
-  static constexpr bool RECOMP = true;
-  static constexpr bool DIRECT = true;
-  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T* s1, T*) {
-    if (c[3] != 0) {
-      adamlike<T, 1>(c, n, p, g, s0, s1);
+  static constexpr int NV = 4;  // bit 0 lerp branch, bit 1 rectified
+  static int variant(const double* c) { return (small(c[0]) ? 0 : 1) + (c[3] != 0 ? 2 : 0); }
+  struct K {
+    Moments<T> mo;
+    T eps, scale, k;
+    explicit K(const double* c) : mo(c), eps(T(c[4])), scale(T(c[5])), k(T(c[6])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T*, int64_t j) {
+    T m, v;
+    k.mo.template advance<(V & 1) == 0, S>(g, s0, s1, j, m, v);
+    if constexpr ((V & 2) != 0) {
+      return m / (std::sqrt(v) + k.eps) * k.k;
     } else {
-      adamlike<T, 2>(c, n, p, g, s0, s1);
+      return m * k.scale;
     }
   }
-  static void update(const double* c, int64_t n, const T* g, T* s0, T* s1, T*, T* u) {
-    adam_moments(c, n, g, s0, s1);
-    recompute(c, n, g, s0, s1, nullptr, u);
-  }
-  static void recompute(const double* c, int64_t n, const T*, T* s0, T* s1, T*, T* u) {
-    const T eps = T(c[4]), scale = T(c[5]), k = T(c[6]);
-    if (c[3] == 0) {
-      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] * scale;
-    } else {
-      for (int64_t j = 0; j < n; ++j) u[j] = s0[j] / (std::sqrt(s1[j]) + eps) * k;
-    }
-  }
+  static constexpr bool recomputes(int) { return true; }
 };
 
-template <typename T, bool S1, bool S2>
-void lion_loop(const double* c, int64_t n, T* __restrict p, const T* __restrict g, T* __restrict m) {
-  const T w1 = T(c[0]), w2 = T(c[1]), nl = T(c[2]), A = T(c[10]), B = T(c[11]);
-  const T o1 = T(1) - w1, o2 = T(1) - w2;
+template <typename T>
+struct Lion {  // c: 0 1-b1, 1 1-b2, 2 -lr; s0 exp_avg
+  static constexpr int NV = 4;  // bit 0: lerp branch of b1, bit 1: of b2
+  static int variant(const double* c) { return (small(c[0]) ? 0 : 1) + (small(c[1]) ? 0 : 2); }
+  struct K {
+    T w1, o1, w2, o2, nl;
+    explicit K(const double* c)
+        : w1(T(c[0])), o1(T(1) - T(c[0])), w2(T(c[1])), o2(T(1) - T(c[1])), nl(T(c[2])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T*, T*, int64_t j) {
+    const T m = s0[j];
+    const T u = sgn(lerp_k<(V & 1) == 0>(m, g, k.w1, k.o1)) * k.nl;
+    if constexpr (writes(S)) s0[j] = lerp_k<(V & 2) == 0>(m, g, k.w2, k.o2);
+    return u;
+  }
+  static constexpr bool recomputes(int) { return false; }
+};
+
+template <typename T>
+inline T nan_max(T a, T b) {  // torch.maximum: NaN if either is NaN
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename T>
+struct Adamax {  // c: 0 1-b1, 1 b2, 2 eps, 3 -lr/(1-b1^t); s0 exp_avg, s1 exp_inf
+  static constexpr int NV = 2;  // the branch of lerp
+  static int variant(const double* c) { return small(c[0]) ? 0 : 1; }
+  struct K {
+    T w1, omw1, b2, eps, k;
+    explicit K(const double* c) : w1(T(c[0])), omw1(T(1) - T(c[0])), b2(T(c[1])), eps(T(c[2])), k(T(c[3])) {}
+  };
+  template <int V, Stage S>
+  static inline T step(const K& k, T g, T* s0, T* s1, T*, int64_t j) {
+    const T m = S == Stage::RECOMPUTE ? s0[j] : lerp_k<V == 0>(s0[j], g, k.w1, k.omw1);
+    const T e = S == Stage::RECOMPUTE ? s1[j] : nan_max(s1[j] * k.b2, std::abs(g) + k.eps);
+    if constexpr (writes(S)) {
+      s0[j] = m;
+      s1[j] = e;
+    }
+    return m / e * k.k;
+  }
+  static constexpr bool recomputes(int) { return true; }
+};
+
+// ------------------------------------------------------------------ the one loop
+
+template <typename T>
+inline T* at(void* const* slots, Slot s, int64_t begin) {
+  void* base = slots[I(s)];
+  return base ? static_cast<T*>(base) + begin : nullptr;
+}
+
+// One range of one tensor. NORM: the sums of d^2 and p^2 into red, the state advanced where the
+// algorithm can recompute u from it (then APPLY writes the parameter without reading g), else
+// nothing written (and the next pass is a STEP).
+template <typename T, template <typename> class Alg, int V, bool ACC, bool SYNC, bool EMA, Pass P>
+void body(const double* c, int mode, void* const* slots, int64_t begin, int64_t n, double* red) {
+  using Al = Alg<T>;
+  constexpr bool recompute = Al::recomputes(V);
+  static_assert(P != Pass::APPLY || (recompute && !ACC), "APPLY recomputes u from the state");
+  const typename Al::K k(c);
+  T* __restrict p = at<T>(slots, Slot::PARAM, begin);
+  const T* __restrict g = at<T>(slots, Slot::GRAD, begin);
+  T* __restrict s0 = at<T>(slots, Slot::STATE0, begin);
+  T* __restrict s1 = at<T>(slots, Slot::STATE1, begin);
+  T* __restrict s2 = at<T>(slots, Slot::STATE2, begin);
+  T* __restrict acc = at<T>(slots, Slot::ACCUM, begin);
+  const T A = T(c[I(Col::A)]), B = T(c[I(Col::B)]), kk = T(c[I(Col::ACCUM_K)]), gs = T(c[I(Col::GRAD_SCALE)]);
+  if constexpr (P == Pass::NORM) {
+    constexpr Stage S = recompute ? Stage::ADVANCE : Stage::PURE;
+    double sd = 0, sp = 0;
+    for (int64_t b0 = 0; b0 < n; b0 += BS) {
+      const int64_t e = std::min(n, b0 + BS);
+      T bd = 0, bp = 0;
+#pragma omp simd reduction(+ : bd, bp)
+      for (int64_t j = b0; j < e; ++j) {
+        T gj = g[j];
+        if constexpr (ACC) {
+          gj = (gj + acc[j]) / kk;
+          if constexpr (recompute) acc[j] = T(0);
+        }
+        const T u = Al::template step<V, S>(k, gj * gs, s0, s1, s2, j);
+        const T d = A * u + B * p[j];
+        bd += d * d;
+        bp += p[j] * p[j];
+      }
+      sd += double(bd);
+      sp += double(bp);
+    }
+    red[0] += sd;
+    red[1] += sp;
+  } else {
+    constexpr Stage S = P == Pass::APPLY ? Stage::RECOMPUTE : Stage::FULL;
+    T* __restrict slow = at<T>(slots, Slot::SLOW, begin);
+    T* __restrict ema = at<T>(slots, Slot::EMA, begin);
+    const T alpha = T(c[I(Col::SLOW_STEP)]), ew = T(c[I(Col::EMA_WEIGHT)]);
+    const bool efirst = has(mode, Mode::EMA_FIRST);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T gj = g[j], mj = m[j];
-    const T u = sgn(lerp_k<S1>(mj, gj, w1, o1)) * nl;
-    m[j] = lerp_k<S2>(mj, gj, w2, o2);
-    const T pj = p[j];
-    p[j] = pj + (A * u + B * pj);
-  }
-}
-
-template <typename T>
-struct Lion {  // c: 0 1-b1, 1 1-b2, 2 -lr
-  static constexpr bool RECOMP = false;
-  static constexpr bool DIRECT = true;
-  static void direct(const double* c, int64_t n, T* p, const T* g, T* s0, T*, T*) {
-    const bool s1 = std::abs(T(c[0])) < T(0.5), s2 = std::abs(T(c[1])) < T(0.5);
-    if (s1 && s2) return lion_loop<T, true, true>(c, n, p, g, s0);
-    if (s1) return lion_loop<T, true, false>(c, n, p, g, s0);
-    if (s2) return lion_loop<T, false, true>(c, n, p, g, s0);
-    return lion_loop<T, false, false>(c, n, p, g, s0);
-  }
-  static void update(const double* c, int64_t n, const T* g, T* s0, T*, T*, T* u) {
-    const T w1 = T(c[0]), w2 = T(c[1]), nl = T(c[2]);
     for (int64_t j = 0; j < n; ++j) {
-      u[j] = sgn(lerp(s0[j], g[j], w1)) * nl;
-      s0[j] = lerp(s0[j], g[j], w2);
+      T gj = T(0);
+      if constexpr (P == Pass::STEP) {
+        gj = g[j];
+        if constexpr (ACC) {
+          gj = (gj + acc[j]) / kk;
+          acc[j] = T(0);
+        }
+        gj = gj * gs;
+      }
+      const T u = Al::template step<V, S>(k, gj, s0, s1, s2, j);
+      const T pj = p[j];
+      T pn = pj + (A * u + B * pj);
+      if constexpr (SYNC) {
+        const T sl = lerp(slow[j], pn, alpha);
+        slow[j] = sl;
+        if constexpr (EMA) ema[j] = lerp(ema[j], efirst ? pn : sl, ew);
+        pn = sl;
+      } else if constexpr (EMA) {
+        ema[j] = lerp(ema[j], pn, ew);
+      }
+      p[j] = pn;
     }
   }
-  static void recompute(const double*, int64_t, const T*, T*, T*, T*, T*) {}
-};
+}
 
-// ------------------------------------------------------------------ shared epilogue
-
-// p <- p + A u + B p, then Lookahead / EMA; `u` is overwritten with the new parameter.
-template <typename T>
-inline void write_params(const double* c, int mode, int64_t n, T* p, T* u, T* slow, T* ema) {
-  const T A = T(c[10]), B = T(c[11]);
-  for (int64_t j = 0; j < n; ++j) u[j] = p[j] + (A * u[j] + B * p[j]);
-  const T alpha = T(c[13]), ew = T(c[14]);
-  if ((mode & M_EMA) && (mode & M_EMA_FIRST)) {
-    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
-  }
-  if (mode & M_SYNC) {
-    for (int64_t j = 0; j < n; ++j) {
-      slow[j] = lerp(slow[j], u[j], alpha);
-      u[j] = slow[j];
+template <typename T, template <typename> class Alg, int V, Pass P>
+void range_epilogue(const double* c, int mode, void* const* slots, int64_t begin, int64_t n, double* red) {
+  constexpr bool apply = P == Pass::APPLY;
+  if constexpr (apply && !Alg<T>::recomputes(V)) {
+    return;  // never asked: the driver runs a STEP after a pure NORM
+  } else {
+    const bool acc = !apply && has(mode, Mode::ACCUM);
+    switch ((acc ? 1 : 0) | (has(mode, Mode::SYNC) ? 2 : 0) | (has(mode, Mode::EMA) ? 4 : 0)) {
+      case 0: return body<T, Alg, V, false, false, false, P>(c, mode, slots, begin, n, red);
+      case 2: return body<T, Alg, V, false, true, false, P>(c, mode, slots, begin, n, red);
+      case 4: return body<T, Alg, V, false, false, true, P>(c, mode, slots, begin, n, red);
+      case 6: return body<T, Alg, V, false, true, true, P>(c, mode, slots, begin, n, red);
+      default: break;
+    }
+    if constexpr (!apply) {
+      switch ((has(mode, Mode::SYNC) ? 2 : 0) | (has(mode, Mode::EMA) ? 4 : 0)) {
+        case 0: return body<T, Alg, V, true, false, false, P>(c, mode, slots, begin, n, red);
+        case 2: return body<T, Alg, V, true, true, false, P>(c, mode, slots, begin, n, red);
+        case 4: return body<T, Alg, V, true, false, true, P>(c, mode, slots, begin, n, red);
+        default: return body<T, Alg, V, true, true, true, P>(c, mode, slots, begin, n, red);
+      }
     }
   }
-  if ((mode & M_EMA) && !(mode & M_EMA_FIRST)) {
-    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+}
+
+template <typename T, template <typename> class Alg, int V>
+void range_v(const double* c, int mode, Pass pass, void* const* slots, int64_t begin, int64_t n, double* red) {
+  if (pass == Pass::NORM) {
+    if (has(mode, Mode::ACCUM)) return body<T, Alg, V, true, false, false, Pass::NORM>(c, mode, slots, begin, n, red);
+    return body<T, Alg, V, false, false, false, Pass::NORM>(c, mode, slots, begin, n, red);
   }
-  std::memcpy(p, u, sizeof(T) * n);
+  if (pass == Pass::APPLY) return range_epilogue<T, Alg, V, Pass::APPLY>(c, mode, slots, begin, n, red);
+  return range_epilogue<T, Alg, V, Pass::STEP>(c, mode, slots, begin, n, red);
 }
 
-template <typename T>
-inline void norms(const double* c, int64_t n, const T* p, const T* u, double* red) {
-  const T A = T(c[10]), B = T(c[11]);
-  T sd = 0, sp = 0;  // partial sums of one block (<= 256 terms) in T, the total in double
-#pragma omp simd reduction(+ : sd, sp)
-  for (int64_t j = 0; j < n; ++j) {
-    const T d = A * u[j] + B * p[j];
-    sd += d * d;
-    sp += p[j] * p[j];
+template <typename T, template <typename> class Alg, int V = 0>
+void run_range(int variant, const double* c, int mode, Pass pass, void* const* slots, int64_t begin, int64_t end,
+               double* red) {
+  if constexpr (V < Alg<T>::NV) {
+    if (variant == V) return range_v<T, Alg, V>(c, mode, pass, slots, begin, end - begin, red);
+    return run_range<T, Alg, V + 1>(variant, c, mode, pass, slots, begin, end, red);
   }
-  red[0] += double(sd);
-  red[1] += double(sp);
 }
 
-inline void* off(void* base, int64_t i, size_t size) {
-  return base ? static_cast<char*>(base) + i * size : nullptr;
-}
-
-// ------------------------------------------------------------------ elementwise driver
-
-template <class A, class = void>
-struct has_direct : std::false_type {};
-template <class A>
-struct has_direct<A, std::void_t<decltype(A::DIRECT)>> : std::true_type {};
-
-template <class A, class = void>
-struct has_direct_modes : std::false_type {};
-template <class A>
-struct has_direct_modes<A, std::void_t<decltype(&A::direct_modes)>> : std::true_type {};
-
-template <class A, class = void>
-struct has_direct_adapt : std::false_type {};
-template <class A>
-struct has_direct_adapt<A, std::void_t<decltype(&A::direct_norm)>> : std::true_type {};
-
+// one tensor, split across threads when it is long; red gets (sum d^2, sum p^2) in pass NORM
 template <typename T, template <typename> class Alg>
-void run_range(const double* c, int mode, int phase, void* const* slots, int64_t begin, int64_t end, double* red) {
-  alignas(64) T gb[BS], u[BS], t0[BS], t1[BS], t2[BS];
-  T* p0 = static_cast<T*>(slots[0]);
-  T* g0 = static_cast<T*>(slots[1]);
-  if constexpr (has_direct<Alg<T>>::value) {
-    auto at = [&](int k) { return slots[k] ? static_cast<T*>(slots[k]) + begin : nullptr; };
-    if (phase == PH_FULL && mode == 0) {
-      Alg<T>::direct(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4));
-      return;
-    }
-    if constexpr (has_direct_modes<Alg<T>>::value) {
-      if (phase == PH_FULL) {
-        Alg<T>::direct_modes(c, mode, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), at(5), at(6), at(7));
-        return;
-      }
-    }
-    if constexpr (has_direct_adapt<Alg<T>>::value) {
-      if (phase == PH_NORM && mode == 0) {
-        Alg<T>::direct_norm(c, end - begin, p0 + begin, g0 + begin, at(2), at(3), at(4), red);
-        return;
-      }
-      if (phase == PH_APPLY && mode == 0) {
-        Alg<T>::direct_apply(c, end - begin, p0 + begin, nullptr, at(2), at(3), at(4));
-        return;
-      }
-    }
-  }
-  const T kk = T(c[12]);
-  for (int64_t b = begin; b < end; b += BS) {
-    const int64_t n = std::min(BS, end - b);
-    T* p = p0 + b;
-    const T* g = g0 ? g0 + b : nullptr;
-    T* s0 = static_cast<T*>(off(slots[2], b, sizeof(T)));
-    T* s1 = static_cast<T*>(off(slots[3], b, sizeof(T)));
-    T* s2 = static_cast<T*>(off(slots[4], b, sizeof(T)));
-    if (mode & M_ACCUM) {
-      T* acc = static_cast<T*>(slots[5]) + b;
-      T* gm = g0 + b;
-      for (int64_t j = 0; j < n; ++j) {
-        gb[j] = (gm[j] + acc[j]) / kk;
-        acc[j] = T(0);
-      }
-      g = gb;
-    }
-    if (phase == PH_NORM && !Alg<T>::RECOMP) {  // pure pass: advance a copy of the state
-      if (s0) { std::memcpy(t0, s0, sizeof(T) * n); s0 = t0; }
-      if (s1) { std::memcpy(t1, s1, sizeof(T) * n); s1 = t1; }
-      if (s2) { std::memcpy(t2, s2, sizeof(T) * n); s2 = t2; }
-    }
-    if (phase == PH_APPLY && Alg<T>::RECOMP) {
-      Alg<T>::recompute(c, n, g, s0, s1, s2, u);
-    } else {
-      Alg<T>::update(c, n, g, s0, s1, s2, u);
-    }
-    if (phase == PH_NORM) {
-      norms(c, n, p, u, red);
-    } else {
-      write_params(c, mode, n, p, u, static_cast<T*>(off(slots[6], b, sizeof(T))), static_cast<T*>(off(slots[7], b, sizeof(T))));
-    }
-  }
-}
-
-// one tensor, split across threads when it is long; red gets (sum d^2, sum p^2) in phase NORM
-template <typename T, template <typename> class Alg>
-void run_tensor(const double* c, int mode, int phase, void* const* slots, int64_t n, int nthreads, double* red) {
+void run_tensor(const double* c, int mode, Pass pass, void* const* slots, int64_t n, int nthreads, double* red) {
   red[0] = red[1] = 0;
+  const int variant = Alg<T>::variant(c);
   if (nthreads <= 1 || n < PAR_MIN) {
-    run_range<T, Alg>(c, mode, phase, slots, 0, n, red);
+    run_range<T, Alg>(variant, c, mode, pass, slots, 0, n, red);
     return;
   }
   const int64_t nb = (n + BS - 1) / BS;
@@ -581,7 +451,7 @@ void run_tensor(const double* c, int mode, int phase, void* const* slots, int64_
   for (int64_t t = 0; t < nthreads; ++t) {
     const int64_t lo = nb * t / nthreads * BS, hi = std::min(n, nb * (t + 1) / nthreads * BS);
     double r[2] = {0, 0};
-    if (lo < hi) run_range<T, Alg>(c, mode, phase, slots, lo, hi, r);
+    if (lo < hi) run_range<T, Alg>(variant, c, mode, pass, slots, lo, hi, r);
     sd += r[0];
     sp += r[1];
   }
@@ -590,68 +460,94 @@ void run_tensor(const double* c, int mode, int phase, void* const* slots, int64_
 }
 
 // Layer adaptation, tensor by tensor, so that the second pass finds a tensor that fits the caches
-// still there: norms, the trust ratio r, then the write with A <- r A M, B <- r B M + W (the
-// transforms after layer adaptation folded into M and W). c: 15 M, 16 W, 17 lr_t.
+// still there: norms, the trust ratio r, then the write with A <- r A POST_A, B <- r B POST_A + POST_B
+// (the transforms after layer adaptation folded into POST_A and POST_B). Col::LR holds max(lr, floor).
 template <typename T, template <typename> class Alg>
 void run_adapted(const double* c, int mode, void* const* slots, int64_t n, int nthreads, double* red) {
-  run_tensor<T, Alg>(c, 0, PH_NORM, slots, n, nthreads, red);
-  const double pn = std::sqrt(red[1]), un = std::sqrt(red[0]) / std::max(c[17], 1e-7);
+  run_tensor<T, Alg>(c, mode, Pass::NORM, slots, n, nthreads, red);
+  const double pn = std::sqrt(red[1]), un = std::sqrt(red[0]) / c[I(Col::LR)];
   const double r = (pn > 0 && un > 0) ? pn / un : 1.0;
   double cc[NCOEF];
   std::memcpy(cc, c, sizeof(cc));
-  cc[10] = r * c[10] * c[15];
-  cc[11] = r * c[11] * c[15] + c[16];
+  cc[I(Col::A)] = r * c[I(Col::A)] * c[I(Col::POST_A)];
+  cc[I(Col::B)] = r * c[I(Col::B)] * c[I(Col::POST_A)] + c[I(Col::POST_B)];
   double unused[2];
-  run_tensor<T, Alg>(cc, mode, PH_APPLY, slots, n, nthreads, unused);
+  const bool recompute = Alg<T>::recomputes(Alg<T>::variant(c));
+  run_tensor<T, Alg>(cc, recompute ? mode & ~I(Mode::ACCUM) : mode, recompute ? Pass::APPLY : Pass::STEP, slots, n, nthreads,
+                     unused);
 }
 
 template <typename T, template <typename> class Alg>
 void run_list(int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase, int nthreads,
               double* red) {
   auto one = [&](int64_t i, int threads) {
-    if (phase == PH_ADAPT) {
+    if (phase == I(Phase::ADAPT)) {
       run_adapted<T, Alg>(coef + i * NCOEF, modes[i], ptrs + i * NSLOT, numel[i], threads, red + 2 * i);
     } else {
-      run_tensor<T, Alg>(coef + i * NCOEF, modes[i], phase, ptrs + i * NSLOT, numel[i], threads, red + 2 * i);
+      const Pass pass = phase == I(Phase::NORM) ? Pass::NORM : Pass::STEP;
+      run_tensor<T, Alg>(coef + i * NCOEF, modes[i], pass, ptrs + i * NSLOT, numel[i], threads, red + 2 * i);
     }
   };
-  std::vector<int64_t> small;
+  std::vector<int64_t> small_ones;
   for (int64_t i = 0; i < nt; ++i) {
     red[2 * i] = red[2 * i + 1] = 0;
     if (numel[i] == 0) continue;
     if (nthreads <= 1 || numel[i] < PAR_MIN) {
-      small.push_back(i);
+      small_ones.push_back(i);
     } else {
       one(i, nthreads);
     }
   }
-  const int64_t ns = int64_t(small.size());
+  const int64_t ns = int64_t(small_ones.size());
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (nthreads > 1 && ns > 1)
-  for (int64_t k = 0; k < ns; ++k) one(small[k], 1);
+  for (int64_t k = 0; k < ns; ++k) one(small_ones[k], 1);
 }
 
 template <typename T>
-int dispatch(int alg, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase,
+int dispatch(int kernel, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef, const int* modes, int phase,
              int nthreads, double* red) {
-  switch (alg) {
-    case ALG_SGD: run_list<T, Sgd>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_ADAGRAD: run_list<T, Adagrad>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_ADADELTA: run_list<T, Adadelta>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_RMSPROP: run_list<T, Rmsprop>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_ADAM: run_list<T, Adam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_NADAM: run_list<T, Nadam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_RADAM: run_list<T, Radam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
-    case ALG_LION: run_list<T, Lion>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+  switch (static_cast<Kernel>(kernel)) {
+    case Kernel::SGD: run_list<T, Sgd>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::ADAGRAD: run_list<T, Adagrad>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::ADADELTA: run_list<T, Adadelta>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::RMSPROP: run_list<T, Rmsprop>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::ADAM: run_list<T, Adam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::NADAM: run_list<T, Nadam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::RADAM: run_list<T, Radam>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::LION: run_list<T, Lion>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    case Kernel::ADAMAX: run_list<T, Adamax>(nt, numel, ptrs, coef, modes, phase, nthreads, red); return 0;
+    default: return -1;
   }
-  return -1;
 }
 
 // ------------------------------------------------------------------ Adafactor
-// slots: 0 p, 1 g, 2 stat over axis 1 (length n0), 3 stat over axis 0 (length n1), 4 v (unfactored),
-//        5 m (beta1 > 0), 6 slow, 7 ema
+// slots: PARAM, GRAD, STATE0 stat over axis 1 (length n0), STATE1 stat over axis 0 (length n1),
+//        STATE2 v (unfactored), ACCUM m (beta1 > 0), SLOW, EMA
 // coef: 0 beta2, 1 1-beta2, 2 eps1, 3 eps2, 4 clipping threshold (0: none), 5 beta1, 6 1-beta1,
-//       7 parameter scale (0/1), 8 -lr, 9 row is the axis-1 statistic (largest axis is 1), 10-14 epilogue
+//       7 parameter scale (0/1), 8 -lr, 9 row is the axis-1 statistic (largest axis is 1), then the shared columns
 // shape: n0, n1 (n1 == 0: unfactored, n0 elements)
+
+// p <- p + A u + B p, then Lookahead / EMA, over one block; `u` is overwritten with the new parameter.
+template <typename T>
+inline void adafactor_write(const double* c, int mode, int64_t n, T* p, T* u, T* slow, T* ema) {
+  const T A = T(c[I(Col::A)]), B = T(c[I(Col::B)]);
+  for (int64_t j = 0; j < n; ++j) u[j] = p[j] + (A * u[j] + B * p[j]);
+  const T alpha = T(c[I(Col::SLOW_STEP)]), ew = T(c[I(Col::EMA_WEIGHT)]);
+  const bool ema_on = has(mode, Mode::EMA), first = has(mode, Mode::EMA_FIRST);
+  if (ema_on && first) {
+    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+  }
+  if (has(mode, Mode::SYNC)) {
+    for (int64_t j = 0; j < n; ++j) {
+      slow[j] = lerp(slow[j], u[j], alpha);
+      u[j] = slow[j];
+    }
+  }
+  if (ema_on && !first) {
+    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+  }
+  std::memcpy(p, u, sizeof(T) * n);
+}
 
 template <typename T>
 void adafactor_one(const int64_t* shape, void* const* slots, const double* c, int mode, int nthreads) {
@@ -659,15 +555,16 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
   const bool factored = n1 > 0;
   const int64_t n = factored ? n0 * n1 : n0;
   if (n == 0) return;
-  T* p = static_cast<T*>(slots[0]);
-  const T* g = static_cast<const T*>(slots[1]);
-  T* a1 = static_cast<T*>(slots[2]);
-  T* a0 = static_cast<T*>(slots[3]);
-  T* v = static_cast<T*>(slots[4]);
-  T* m = static_cast<T*>(slots[5]);
-  T* slow = static_cast<T*>(slots[6]);
-  T* ema = static_cast<T*>(slots[7]);
+  T* p = static_cast<T*>(slots[I(Slot::PARAM)]);
+  const T* g = static_cast<const T*>(slots[I(Slot::GRAD)]);
+  T* a1 = static_cast<T*>(slots[I(Slot::STATE0)]);
+  T* a0 = static_cast<T*>(slots[I(Slot::STATE1)]);
+  T* v = static_cast<T*>(slots[I(Slot::STATE2)]);
+  T* m = static_cast<T*>(slots[I(Slot::ACCUM)]);
+  T* slow = static_cast<T*>(slots[I(Slot::SLOW)]);
+  T* ema = static_cast<T*>(slots[I(Slot::EMA)]);
   const T b2 = T(c[0]), omb2 = T(c[1]), eps1 = T(c[2]), eps2 = T(c[3]), b1 = T(c[5]), omb1 = T(c[6]), nl = T(c[8]);
+  const T gs = T(c[I(Col::GRAD_SCALE)]);
   const bool clip = c[4] != 0, scaled = c[7] != 0, momentum = m != nullptr;
   const int nth = (nthreads > 1 && n >= PAR_MIN) ? nthreads : 1;
   (void)nth;
@@ -692,7 +589,8 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         T r = 0;
 #pragma omp simd reduction(+ : r)
         for (int64_t j = 0; j < n1; ++j) {
-          const T x = gi[j] * gi[j] + eps1;
+          const T gj = gi[j] * gs;
+          const T x = gj * gj + eps1;
           r += x;
           pp[j] += x;
         }
@@ -751,16 +649,20 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
         const T ai = a1[i];
         T rr = 0;  // the square of the update, g^2 / (v + eps1), needs no square root
 #pragma omp simd reduction(+ : rr)
-        for (int64_t j = 0; j < n1; ++j) rr += gi[j] * gi[j] / (ai * cf[j] + eps1);
+        for (int64_t j = 0; j < n1; ++j) {
+          const T gj = gi[j] * gs;
+          rr += gj * gj / (ai * cf[j] + eps1);
+        }
         r = double(rr);
         su += r;
       }
     } else {
 #pragma omp parallel for simd num_threads(nth) reduction(+ : su) schedule(static)
       for (int64_t j = 0; j < n; ++j) {
-        const T vj = v[j] * b2 + omb2 * (g[j] * g[j] + eps1);
+        const T gj = g[j] * gs;
+        const T vj = v[j] * b2 + omb2 * (gj * gj + eps1);
         v[j] = vj;
-        const T x = g[j] / std::sqrt(vj + eps1);
+        const T x = gj / std::sqrt(vj + eps1);
         su += double(x) * double(x);
       }
       v_done = true;
@@ -775,7 +677,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
   const T post = momentum ? (scaled ? pscale * nl : nl) : (scaled ? pscale * nl : nl) / clipdiv;
   const int64_t rows = factored ? n0 : 1, cols = factored ? n1 : n;
   if (factored && !momentum && mode == 0) {  // the common case as one loop per row
-    const T A = T(c[10]), B = T(c[11]);
+    const T A = T(c[I(Col::A)]), B = T(c[I(Col::B)]);
 #pragma omp parallel for num_threads(nth) schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       const T ai = a1[i];
@@ -783,7 +685,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       T* __restrict pp = p + i * cols;
 #pragma omp simd
       for (int64_t j = 0; j < cols; ++j) {
-        const T u = gg[j] / std::sqrt(ai * cf[j] + eps1) * post;
+        const T u = gg[j] * gs / std::sqrt(ai * cf[j] + eps1) * post;
         const T pj = pp[j];
         pp[j] = pj + (A * u + B * pj);
       }
@@ -800,13 +702,13 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       if (factored) {
         const T ai = a1[i];
         const T* aj = cf + jb;
-        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(ai * aj[j] + eps1);
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] * gs / std::sqrt(ai * aj[j] + eps1);
       } else {
         T* vv = v + base;
         if (!v_done) {
-          for (int64_t j = 0; j < len; ++j) vv[j] = vv[j] * b2 + omb2 * (gg[j] * gg[j] + eps1);
+          for (int64_t j = 0; j < len; ++j) vv[j] = vv[j] * b2 + omb2 * ((gg[j] * gs) * (gg[j] * gs) + eps1);
         }
-        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] / std::sqrt(vv[j] + eps1);
+        for (int64_t j = 0; j < len; ++j) u[j] = gg[j] * gs / std::sqrt(vv[j] + eps1);
       }
       if (momentum) {
         T* mm = m + base;
@@ -817,16 +719,17 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
       } else {
         for (int64_t j = 0; j < len; ++j) u[j] = u[j] * post;
       }
-      write_params(c, mode, len, p + base, u, slow ? slow + base : nullptr, ema ? ema + base : nullptr);
+      adafactor_write(c, mode, len, p + base, u, slow ? slow + base : nullptr, ema ? ema + base : nullptr);
     }
   }
 }
+
 
 }  // namespace
 
 extern "C" {
 
-int danlu_abi_version() { return 4; }
+int danlu_abi_version() { return 5; }
 
 // A STREAM-like bandwidth probe with Adam's access pattern: reads a, b, c, d and writes a, c, d
 // (7 transfers per element); s = 0 leaves the values as they are.
@@ -855,13 +758,13 @@ void danlu_increment(int64_t n, void* const* ptrs, double* out) {
   }
 }
 
-// Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. ptrs: nt * 8 slots,
-// coef: nt * 16, modes: nt, red: nt * 2 (phase NORM: sum d^2, sum p^2). Returns 0, or -1 for an
-// unknown algorithm or dtype.
-int danlu_elementwise(int dtype, int alg, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef,
+// Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. kernel: a Kernel.
+// ptrs: nt * NSLOT slots, coef: nt * NCOEF, modes: nt, red: nt * 2 (phases NORM and ADAPT: sum d^2,
+// sum p^2). Returns 0, or -1 for an unknown kernel or dtype.
+int danlu_elementwise(int dtype, int kernel, int64_t nt, const int64_t* numel, void* const* ptrs, const double* coef,
                       const int* modes, int phase, int nthreads, double* red) {
-  if (dtype == 0) return dispatch<float>(alg, nt, numel, ptrs, coef, modes, phase, nthreads, red);
-  if (dtype == 1) return dispatch<double>(alg, nt, numel, ptrs, coef, modes, phase, nthreads, red);
+  if (dtype == 0) return dispatch<float>(kernel, nt, numel, ptrs, coef, modes, phase, nthreads, red);
+  if (dtype == 1) return dispatch<double>(kernel, nt, numel, ptrs, coef, modes, phase, nthreads, red);
   return -1;
 }
 

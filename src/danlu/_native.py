@@ -44,7 +44,7 @@ __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _SOURCE = _PACKAGE / rules.SOURCE_NAME
-_ABI = 4
+_ABI = 5
 _lock = threading.Lock()
 _setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
 _background = _setting == "background"

@@ -167,9 +167,12 @@ def _base_template(opt: DerivationHost, p: Tensor, group: Mapping[str, Any]) -> 
 
     if not isinstance(opt, DanluOptimizer):
         return None
-    template: dict[str, Any] = {"step": torch.zeros(())}
-    meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-    opt._init_state(meta, template, group)
+    own_template = getattr(opt, "_state_template", None)  # an algorithm whose state depends on the parameter's name (Muon)
+    if own_template is not None:
+        template = own_template(p, group)
+    else:
+        template = {"step": torch.zeros(())}
+        opt._init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), template, group)
     return {k: tuple(v.shape) for k, v in template.items() if isinstance(v, Tensor)}
 
 

@@ -183,6 +183,8 @@ class DanluOptimizer(DerivationHost):
                     self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
 
     def _group_step(self, ctx: StepContext, group: dict[str, Any], scale: float) -> None:
+        if _fused.steady_step(self, ctx, group, scale):
+            return
         names_all = self._names(group)
         params, grads, states, names = [], [], [], []
         for p, name in zip(group["params"], names_all):

@@ -105,10 +105,54 @@ TRAFFIC: dict[str, float] = {
     "adadelta": 7,
     "rmsprop": 5,
     "adam": 7,  # read p, g, m, v; write p, m, v
+    "adamax": 7,  # read p, g, m, u; write p, m, u
     "lion": 5,
     "lamb": 10,  # pass 1: read p, g, m, v, write m, v (norms); pass 2: read p, m, v, write p
     "lamb_pure": 11,  # the same with a pass 1 that writes nothing (4 + 7)
 }
+
+
+def muon_transfers(shapes: Sequence[tuple[int, ...]], adam_below: int = 2) -> float:
+    """Muon over the matrices (read p, g, buffer; write buffer, p: 5) and Adam over the rest (7), weighted by size.
+
+    The Newton-Schulz products are compute, not traffic: Muon's step time is set by the matmuls, and the
+    efficiency column of a Muon row is far below 1 by nature. Embeddings count as Adam (the bench's Muon
+    sends them there, as ``create_optimizer(model, "muon")`` does).
+    """
+    total = weighted = 0.0
+    for index, shape in enumerate(shapes):
+        n = math.prod(shape)
+        total += n
+        weighted += n * (7 if len(shape) < adam_below or index in _EMBEDDING_INDICES.get(len(shapes), ()) else 5)
+    return weighted / total if total else 0.0
+
+
+_EMBEDDING_INDICES: dict[int, tuple[int, ...]] = {}
+"""{number of tensors of a set: indices of its embedding tensors}, filled by :func:`_muon_split`."""
+
+
+def _muon_split(named: list[tuple[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """(matrices for Newton-Schulz, the rest for Adam): embeddings and tensors below 2-D take Adam."""
+    _EMBEDDING_INDICES[len(named)] = tuple(i for i, (n, _) in enumerate(named) if "embeddings" in n)
+    matrices = [p for n, p in named if p.dim() >= 2 and "embeddings" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embeddings" not in n)]
+    return matrices, rest
+
+
+class _TorchMuonWithAdam:
+    """torch.optim.Muon over the matrices and torch.optim.Adam (foreach) over the rest, stepped together."""
+
+    def __init__(self, named: list[tuple[str, Tensor]]) -> None:
+        matrices, rest = _muon_split(named)
+        self.muon = torch.optim.Muon(matrices, lr=LR, weight_decay=0.0)
+        self.adam = torch.optim.Adam(rest, lr=LR, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        self.param_groups = self.muon.param_groups + self.adam.param_groups
+        self.state = {**self.muon.state, **self.adam.state}
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adam.step()
+        self.state = {**self.muon.state, **self.adam.state}
 
 
 def adafactor_transfers(shapes: Sequence[tuple[int, ...]], min_dim: int = 128, clip: bool = True, scale: bool = True) -> float:
@@ -219,6 +263,7 @@ def danlu_impls() -> list[Impl]:
     pw_adamw = d.extend_with_piecewise_linear_lr(d.AdamW)
     la_ema_adamw = d.extend_with_exponential_moving_average(la_adamw)
     wd_lion = d.extend_with_weight_decay(d.Lion)
+    sf_adamw = d.extend_with_schedule_free(d.AdamW)
     impls = [
         Impl("danlu.Adam", "danlu", "adam", lambda nm: d.Adam(nm, lr=LR), _t(7)),
         Impl("danlu.AdamW", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, weight_decay_rate=0.01), _t(7)),
@@ -247,18 +292,36 @@ def danlu_impls() -> list[Impl]:
         Impl("danlu.RAdam", "danlu", "radam", lambda nm: d.RAdam(nm, lr=LR), _t(7)),
         Impl("danlu.Adafactor", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR), adafactor_transfers),
         Impl("danlu.Lion", "danlu", "lion", lambda nm: d.Lion(nm, lr=LR), _t(5)),
+        Impl("danlu.Adamax", "danlu", "adamax", lambda nm: d.Adamax(nm, lr=LR), _t(7)),
         Impl("danlu.Lion+WD", "danlu", "lion+wd", lambda nm: wd_lion(nm, lr=LR, weight_decay_rate=0.01), _t(5)),
         Impl("danlu.SGD", "danlu", "sgd", lambda nm: d.SGD(nm, lr=LR), _t(3)),
         Impl("danlu.SGD[momentum]", "danlu", "sgd_momentum", lambda nm: d.SGD(nm, lr=LR, momentum=0.9), _t(5)),
         Impl("danlu.Adagrad", "danlu", "adagrad", lambda nm: d.Adagrad(nm, lr=LR), _t(5)),
         Impl("danlu.Adadelta", "danlu", "adadelta", lambda nm: d.Adadelta(nm, lr=LR), _t(7)),
         Impl("danlu.RMSprop", "danlu", "rmsprop", lambda nm: d.RMSprop(nm, lr=LR), _t(5)),
+        Impl("danlu.Muon", "danlu", "muon", lambda nm: d.Muon(nm, lr=LR, exclude_from_muon=["embeddings"]), muon_transfers),
+        Impl(
+            "danlu.ScheduleFree+AdamW",
+            "danlu",
+            "schedule_free+adamw",
+            lambda nm: sf_adamw(nm, lr=LR, weight_decay_rate=0.01),
+            _t(7 + 10),
+            note="base step on z: + copy z in (2), z out (2), x update (3), y out (3)",
+        ),
     ]
     pure = [
         Impl("danlu.AdamW[foreach]", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, foreach=True), _t(7)),
         Impl("danlu.Lamb[foreach]", "danlu", "lamb", lambda nm: d.Lamb(nm, lr=LR, foreach=True), _t(10)),
         Impl(
             "danlu.Adafactor[foreach]", "danlu", "adafactor", lambda nm: d.Adafactor(nm, lr=LR, foreach=True), adafactor_transfers
+        ),
+        Impl(
+            "danlu.Muon[single]",
+            "danlu",
+            "muon",
+            lambda nm: d.Muon(nm, lr=LR, exclude_from_muon=["embeddings"], foreach=False),
+            muon_transfers,
+            note="per-tensor Newton-Schulz (no batching)",
         ),
     ]
     return impls + pure
@@ -289,6 +352,7 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
     variants("RMSprop", o.RMSprop, "rmsprop", 5, ("foreach",))
     variants("NAdam", o.NAdam, "nadam", 7, ("foreach", "single"))
     variants("RAdam", o.RAdam, "radam", 7, ("foreach", "single"))
+    variants("Adamax", o.Adamax, "adamax", 7, ("foreach", "single"))
     if hasattr(o, "Adafactor"):
         impls.append(
             Impl(
@@ -297,6 +361,17 @@ def torch_impls(compile_peers: bool) -> list[Impl]:
                 "adafactor",
                 lambda nm: o.Adafactor(_plain(nm), lr=LR, foreach=True),
                 adafactor_transfers,
+            )
+        )
+    if hasattr(o, "Muon"):
+        impls.append(
+            Impl(
+                "torch.Muon+Adam",
+                "torch",
+                "muon",
+                _TorchMuonWithAdam,  # type: ignore[arg-type]
+                muon_transfers,
+                note="torch.optim.Muon on the matrices, torch.optim.Adam (foreach) on the rest",
             )
         )
     if compile_peers:

@@ -36,6 +36,7 @@ from danlu.derivations import (
     Lookahead,
     ParameterWiseLR,
     PiecewiseLinearLR,
+    ScheduleFree,
     SkipNonfinite,
     WeightDecay,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "extend_with_parameter_wise_lr",
     "extend_with_skip_nonfinite",
     "extend_with_gradient_clipping",
+    "extend_with_schedule_free",
 ]
 
 
@@ -537,6 +539,23 @@ def extend_with_gradient_clipping(BaseOptimizer: type, name: str | None = None) 
     return _extend(BaseOptimizer, GradientClipping(), name, _caller_module())
 
 
+def extend_with_schedule_free(BaseOptimizer: type, name: str | None = None) -> type:
+    """Make the base schedule-free (Defazio et al., 2024): it steps z, the parameters hold y, ``eval()`` puts in x.
+
+    Keyword arguments: ``schedule_free_momentum=0.9``, ``weight_lr_power=2.0``, ``average_power=0.0``.
+    Methods: ``train()``, ``eval()``. See :class:`danlu.derivations.ScheduleFree`.
+
+    Example:
+        >>> import torch, danlu
+        >>> SFAdamW = danlu.extend_with_schedule_free(torch.optim.AdamW)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SFAdamW(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        >>> opt.eval()    # evaluate or save with the averaged weights
+        >>> opt.train()   # back to training
+    """
+    return _extend(BaseOptimizer, ScheduleFree(), name, _caller_module())
+
+
 assert {d.name for d in ALL_DERIVATIONS} == {
     WeightDecay.name,
     LayerAdaptation.name,
@@ -548,4 +567,6 @@ assert {d.name for d in ALL_DERIVATIONS} == {
     ParameterWiseLR.name,
     SkipNonfinite.name,
     GradientClipping.name,
+    ScheduleFree.name,
 }
+

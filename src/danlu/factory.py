@@ -13,6 +13,10 @@ optimizer and the derivations alike (``lr=1e-3, weight_decay_rate=0.01, ema_mome
 When the optimizer decays weights (``adamw``, ``lamb`` or a ``weight_decay`` derivation), biases and
 normalization weights are put in a second parameter group with ``weight_decay_rate=0`` (the BERT
 convention), unless ``exclude_from_weight_decay`` is given or ``no_decay_on_bias_and_norm=False``.
+
+With ``muon`` as the base, embeddings and the output layer take Muon's Adam update
+(:func:`muon_adam_names`), unless ``exclude_from_muon`` is given (``exclude_from_muon=()`` sends every
+tensor with two or more dimensions to Newton-Schulz).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from torch import Tensor, nn
 
 from danlu import derive
 from danlu.derivations import ALL_DERIVATIONS, WeightDecay
-from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, LazyAdam, Lion, NAdam, RAdam, RMSprop
+from danlu.optimizers import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, LazyAdam, Lion, Muon, NAdam, RAdam, RMSprop
 from danlu.ready import AdamW, Lamb, Ranger
 
-__all__ = ["create_optimizer", "parse_spec", "OPTIMIZER_NAMES", "DERIVATION_NAMES", "no_decay_names"]
+__all__ = ["create_optimizer", "parse_spec", "OPTIMIZER_NAMES", "DERIVATION_NAMES", "no_decay_names", "muon_adam_names"]
 
 _OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "sgd": (SGD, {}),
@@ -45,9 +49,11 @@ _OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "radam": (RAdam, {}),
     "adafactor": (Adafactor, {}),
     "lion": (Lion, {}),
+    "adamax": (Adamax, {}),
     "lamb": (Lamb, {}),
     "lazyadam": (LazyAdam, {}),
     "ranger": (Ranger, {}),
+    "muon": (Muon, {}),
 }
 
 _DERIVATIONS: dict[str, Callable[[type], type]] = {
@@ -61,6 +67,7 @@ _DERIVATIONS: dict[str, Callable[[type], type]] = {
     "paramwise_lr": derive.extend_with_parameter_wise_lr,
     "skip_nonfinite": derive.extend_with_skip_nonfinite,
     "clip": derive.extend_with_gradient_clipping,
+    "schedule_free": derive.extend_with_schedule_free,
 }
 
 _ALIASES = {
@@ -79,6 +86,8 @@ _ALIASES = {
     "nonfinite": "skip_nonfinite",
     "skip_nan": "skip_nonfinite",
     "gradient_clipping": "clip",
+    "schedulefree": "schedule_free",
+    "sf": "schedule_free",
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
@@ -93,7 +102,7 @@ def _resolve_base(name: str) -> tuple[type, dict[str, Any]]:
     if name.startswith("torch."):
         cls = getattr(torch.optim, name[len("torch.") :], None) if name[len("torch.") :].isidentifier() else None
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            raise ValueError(f"unknown optimizer {name!r}: torch.optim has no optimizer class {name[len('torch.'):]!r}")
+            raise ValueError(f"unknown optimizer {name!r}: torch.optim has no optimizer class {name[len('torch.') :]!r}")
         return cls, {}
     key = name.lower()
     if key not in _OPTIMIZERS:
@@ -154,6 +163,35 @@ def no_decay_names(model_or_named_params: nn.Module | Iterable[tuple[str, Tensor
     return [n for n, p in model_or_named_params if p.dim() < 2 or _NORM_NAME.search(n)]
 
 
+_OUTPUT_NAME = re.compile(r"(^|\.)(head|lm_head|classifier)(\.|$)")
+_EMBEDDING_NAME = re.compile(r"embed", re.IGNORECASE)
+
+
+def muon_adam_names(model_or_named_params: nn.Module | Iterable[tuple[str, Tensor]]) -> list[str]:
+    """Names of the matrices that ``create_optimizer(model, "muon")`` gives the Adam update: embeddings and the output layer.
+
+    For a module: the weights of every ``nn.Embedding`` (and ``nn.EmbeddingBag``), every parameter of a
+    module named ``head``, ``lm_head`` or ``classifier``, and the weight of a ``Linear`` tied to an
+    embedding (one tensor, listed under its first name). For bare ``(name, tensor)`` pairs: names that
+    contain ``embed`` or a ``head``, ``lm_head`` or ``classifier`` component. Tensors with fewer than
+    two dimensions take the Adam update anyway and are not listed.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.ModuleDict({"tok": torch.nn.Embedding(10, 4), "mlp": torch.nn.Linear(4, 4), "lm_head": torch.nn.Linear(4, 10)})
+        >>> muon_adam_names(model)
+        ['tok.weight', 'lm_head.weight']
+    """
+    if isinstance(model_or_named_params, nn.Module):
+        pairs = list(model_or_named_params.named_parameters())
+        chosen: set[int] = set()
+        for module_name, module in model_or_named_params.named_modules():
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or _OUTPUT_NAME.search(module_name + "."):
+                chosen.update(id(p) for p in module.parameters(recurse=False))
+        return [n for n, p in pairs if id(p) in chosen and p.dim() >= 2]
+    return [n for n, p in model_or_named_params if p.dim() >= 2 and (_EMBEDDING_NAME.search(n) or _OUTPUT_NAME.search(n))]
+
+
 def _named_parameters(model_or_named_params: Any) -> list[tuple[str, Tensor]]:
     if isinstance(model_or_named_params, nn.Module):
         return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad]
@@ -212,6 +250,9 @@ def create_optimizer(
     pairs = _named_parameters(model_or_named_params)
     _check_keywords(spec, cls, hyperparameters)
     kwargs = {**base_defaults, **hyperparameters}
+    if isinstance(cls, type) and issubclass(cls, Muon) and "exclude_from_muon" not in kwargs:
+        source = model_or_named_params if isinstance(model_or_named_params, nn.Module) else pairs
+        kwargs["exclude_from_muon"] = [f"^{re.escape(n)}$" for n in muon_adam_names(source)]
     decays = any(isinstance(d, WeightDecay) for d in getattr(cls, "_danlu_derivations", ()))
     if decays and no_decay_on_bias_and_norm and "exclude_from_weight_decay" not in kwargs:
         return cls(_bert_groups(model_or_named_params, pairs), **kwargs)

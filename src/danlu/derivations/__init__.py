@@ -9,6 +9,7 @@ from danlu.derivations.lazy_optimization import LazyOptimization
 from danlu.derivations.lookahead import Lookahead
 from danlu.derivations.parameter_wise_lr import ParameterWiseLR
 from danlu.derivations.piecewise_linear_lr import PiecewiseLinearLR
+from danlu.derivations.schedule_free import ScheduleFree
 from danlu.derivations.skip_nonfinite import SkipNonfinite
 from danlu.derivations.weight_decay import WeightDecay
 
@@ -21,6 +22,7 @@ ALL_DERIVATIONS: tuple[Derivation, ...] = (
     LazyOptimization(),
     ExponentialMovingAverage(),
     ParameterWiseLR(),
+    ScheduleFree(),
     SkipNonfinite(),
     GradientClipping(),
 )
@@ -37,6 +39,7 @@ __all__ = [
     "LazyOptimization",
     "ExponentialMovingAverage",
     "ParameterWiseLR",
+    "ScheduleFree",
     "SkipNonfinite",
     "GradientClipping",
 ]

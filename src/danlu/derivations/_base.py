@@ -16,7 +16,8 @@ in a fixed order (see :mod:`danlu._host`):
 4. ``transform``: rewrites the proposed update ``u = p_new - p_old`` of the
    tensors it ``selects`` (weight decay, layer adaptation, lazy rows,
    per-parameter lr), innermost derivation first;
-5. ``after_step``: acts on the new parameters (Lookahead, EMA).
+5. ``after_step``: acts on the new parameters (Lookahead, EMA);
+6. ``finish``: after an applied step, whether it succeeded or raised.
 
 Derivations keep their hyperparameters in the param groups (under bert4keras'
 names) and their tensors in ``optimizer.state[p]`` under namespaced keys, so
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Fusion
 from danlu._validate import check_patterns
 
 if TYPE_CHECKING:
@@ -110,6 +112,9 @@ class Derivation:
     """Whether ``transform_gradients`` does anything (it then runs on every applied step)."""
     methods: ClassVar[dict[str, Any]] = {}
     """Methods added to the derived class (``apply_ema_weights`` ...)."""
+    native: ClassVar[Fusion | None] = None
+    """How the native kernels fuse this derivation (``danlu._native_spec``); None: they do not know it, and
+    a derivation with a transform then keeps its stack on the generic path."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check the options (a param group or the constructor's keywords); return them normalized."""
@@ -169,6 +174,9 @@ class Derivation:
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """Create the state entries that the first step creates, with their values before any step."""
+
+    def finish(self, host: DerivationHost, failed: bool) -> None:
+        """After a step that was applied (or failed while being applied), whether it succeeded or raised."""
 
     @staticmethod
     def zeros_state(host: DerivationHost, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:

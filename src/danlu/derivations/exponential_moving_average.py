@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from danlu._native_spec import AfterStep, Col, Mode, Slot
 from danlu._validate import check_bool, check_number
 from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 
@@ -63,6 +64,8 @@ class ExponentialMovingAverage(Derivation):
     defaults = {"ema_momentum": 0.999}
     state_keys = (SHADOW,)
     required_state = (SHADOW,)
+    native = AfterStep(Mode.EMA, Slot.EMA, Col.EMA_WEIGHT, SHADOW, weight=lambda group: 1.0 - group["ema_momentum"], create=True)
+    """Fused: the shadow's update, in the update's pass."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "ema_momentum" not in options:

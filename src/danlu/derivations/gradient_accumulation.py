@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import all_reduce_mean_, sync_group
+from danlu._native_spec import AccumulationMean
 from danlu._validate import check_int
 from danlu.derivations._base import CALLS, Derivation
 
@@ -58,6 +59,8 @@ class GradientAccumulation(Derivation):
     title = "GradientAccumulation"
     defaults = {"grad_accum_steps": 2}
     state_keys = (BUFFER,)
+    native = AccumulationMean()
+    """Fused: the applying call's mean is formed in the update's pass."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "grad_accum_steps" not in options:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import any_dtensor, whole_norms
+from danlu._native_spec import NoTensorWork
 from danlu._validate import check_number
 from danlu.derivations._base import Derivation
 
@@ -68,6 +69,8 @@ class GradientClipping(Derivation):
     defaults = {"global_clipnorm": None, "clipnorm": None, "clipvalue": None}
     has_gradient_hook = True
     methods = {"grad_norm": None}
+    native = NoTensorWork()
+    """Its factors reach the kernels through the step context's gradient scales: nothing else per tensor."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         checked = {

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import any_dtensor, whole_norms
+from danlu._native_spec import TrustRatio
 from danlu.derivations._base import Derivation, by_device_and_dtype, checked_patterns, matches_any
 
 __all__ = ["LayerAdaptation", "MIN_LR"]
@@ -47,6 +48,8 @@ class LayerAdaptation(Derivation):
     defaults = {"exclude_from_layer_adaptation": ()}
     name_options = ("exclude_from_layer_adaptation",)
     has_transform = True
+    native = TrustRatio(MIN_LR)
+    """Fused: the trust ratio, in two passes (norms, then the write)."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return checked_patterns(options, "exclude_from_layer_adaptation")

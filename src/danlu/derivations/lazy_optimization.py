@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from danlu._distributed import is_dtensor, placed_like, settle
+from danlu._native_spec import Blocks
 from danlu.derivations._base import Derivation, checked_patterns, matches_any
 
 __all__ = ["LazyOptimization", "present_rows_mask"]
@@ -58,6 +59,8 @@ class LazyOptimization(Derivation):
     defaults = {"include_in_lazy_optimization": ()}
     name_options = ("include_in_lazy_optimization",)
     has_transform = True
+    native = Blocks()
+    """The tensors it selects take the generic path."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return checked_patterns(options, "include_in_lazy_optimization")

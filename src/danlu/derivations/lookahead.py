@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import foreach_copy_
+from danlu._native_spec import AfterStep, Col, Mode, Slot
 from danlu._precision import copy_rounded_
 from danlu._validate import check_int, check_number
 from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
@@ -53,6 +54,15 @@ class Lookahead(Derivation):
     defaults = {"steps_per_slow_update": 5, "slow_step_size": 0.5}
     state_keys = (SLOW,)
     required_state = (SLOW,)
+    native = AfterStep(
+        Mode.SYNC,
+        Slot.SLOW,
+        Col.SLOW_STEP,
+        SLOW,
+        weight=lambda group: group["slow_step_size"],
+        active=lambda group: (int(group[APPLIED_STEPS]) + 1) % group["steps_per_slow_update"] == 0,
+    )
+    """Fused: the sync of the steps that end a cycle, in the update's pass."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         checked: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Fold
 from danlu._validate import check_multipliers
 from danlu.derivations._base import Derivation
 
@@ -20,6 +21,11 @@ __all__ = ["ParameterWiseLR"]
 def _multiplier(schedule: tuple[tuple[str, float], ...], name: str) -> float | None:
     factors = [value for key, value in schedule if key in name]
     return math.prod(factors) if factors else None
+
+
+def _selected_multiplier(group: Mapping[str, Any], name: str | None) -> float:
+    multiplier = ParameterWiseLR.multiplier(group, name)
+    return 1.0 if multiplier is None else float(multiplier)
 
 
 class ParameterWiseLR(Derivation):
@@ -51,6 +57,8 @@ class ParameterWiseLR(Derivation):
     defaults: dict[str, Any] = {"paramwise_lr_schedule": {}}
     name_options = ("paramwise_lr_schedule",)
     has_transform = True
+    native = Fold(lambda group, name: (_selected_multiplier(group, name), 0.0))
+    """Fused: ``d <- m d``."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "paramwise_lr_schedule" not in options:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._native_spec import NoTensorWork
 from danlu._validate import check_schedule
 from danlu.derivations._base import APPLIED_STEPS, Derivation
 from danlu.schedules import piecewise_linear
@@ -42,6 +43,8 @@ class PiecewiseLinearLR(Derivation):
     name = "piecewise_linear_lr"
     title = "PiecewiseLinearLR"
     defaults = {"lr_schedule": {0: 1.0}}
+    native = NoTensorWork()
+    """Acts through the lr multiplier only."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "lr_schedule" not in options:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 from danlu._distributed import all_finite, sync_group
+from danlu._native_spec import NoTensorWork
 from danlu._validate import check_int
 from danlu.derivations._base import Derivation
 
@@ -60,6 +61,8 @@ class SkipNonfinite(Derivation):
     title = "SkipNonfinite"
     defaults: ClassVar[dict[str, Any]] = {"max_consecutive_skips": None}
     counters = (SKIPS, CONSECUTIVE_SKIPS)
+    native = NoTensorWork()
+    """Skips whole calls: nothing per tensor."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "max_consecutive_skips" not in options:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Fold
 from danlu._validate import check_number
 from danlu.derivations._base import Derivation, checked_patterns, matches_any
 
@@ -42,6 +43,8 @@ class WeightDecay(Derivation):
     defaults = {"weight_decay_rate": 0.01, "exclude_from_weight_decay": ()}
     name_options = ("exclude_from_weight_decay",)
     has_transform = True
+    native = Fold(lambda group, name: (1.0, -group["weight_decay_rate"]))
+    """Fused: ``d <- d - lr * rate * p``."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         checked: dict[str, Any] = {}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_number
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -65,6 +66,13 @@ class Adadelta(DanluOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.ADADELTA,
+        lambda group: ("square_avg", "acc_delta"),
+        lambda group, state, lr, step: [group["rho"], 1 - group["rho"], group["eps"], -lr],
+    )
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from danlu._distributed import zeros_reduced
+from danlu._native_spec import Kernel, Layout, NativeSpec
 from danlu._validate import check_bool, check_int, check_number, check_optional_number, check_patterns
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.derivations._base import matches_any
@@ -35,6 +36,32 @@ def factored_axes(shape: tuple[int, ...], min_dim_size_to_factor: int) -> tuple[
 
 def _rms(x: Tensor) -> Tensor:
     return x.square().mean().sqrt()
+
+
+def _native_layout(group: Mapping[str, Any], p: Tensor, state: dict[str, Any], name: str | None) -> Layout | None:
+    """Slots: the statistic over axis 1, the one over axis 0, v (unfactored), the momentum; shape (rows, cols)."""
+    axes = factored_axes(tuple(p.shape), group["min_dim_size_to_factor"])
+    keys: tuple[str | None, ...]
+    if axes is None:
+        keys, shape, row_is_a1 = (None, None, "exp_avg_sq"), (p.numel(), 0), 0.0
+    elif p.dim() == 2:
+        largest = axes[0]
+        row_first = ("exp_avg_sq_row", "exp_avg_sq_col") if largest == 1 else ("exp_avg_sq_col", "exp_avg_sq_row")
+        keys, shape, row_is_a1 = (*row_first, None), (p.shape[0], p.shape[1]), float(largest == 1)
+    else:
+        return None
+    keys = (*keys, "exp_avg" if group["beta1"] > 0 else None)
+    patterns = group["exclude_from_parameter_scale"]
+    scaled = group["multiply_by_parameter_scale"] and not (patterns and matches_any(tuple(patterns), name or ""))
+    states = tuple(state.get(k) if k is not None else None for k in keys)
+    return Layout(keys, states, shape, {7: float(scaled), 9: row_is_a1})
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    beta2 = 1.0 - step**-0.8 if group["beta2"] is None else group["beta2"]
+    clip = group["clipping_threshold"]
+    beta1 = group["beta1"]
+    return [beta2, 1 - beta2, group["eps1"], group["eps2"], float(clip) if clip is not None else 0.0, beta1, 1 - beta1, 0.0, -lr, 0.0]
 
 
 class Adafactor(DanluOptimizer):
@@ -185,6 +212,11 @@ class Adafactor(DanluOptimizer):
             return False
         patterns = group["exclude_from_parameter_scale"]
         return not (patterns and matches_any(tuple(patterns), self._param_name(group, p) or ""))
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.ADAFACTOR, lambda group: (), _native_coefficients, layout=_native_layout, accumulate=False, adapt=False
+    )
+    """The native kernel (see ``danlu._native_spec``): its own pass structure, 2-D or unfactored tensors."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

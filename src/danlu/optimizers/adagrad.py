@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_number
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -65,6 +66,11 @@ class Adagrad(DanluOptimizer):
         value = group["initial_accumulator_value"]
         initial = complex(value, value) if p.is_complex() else value  # every real number of a (real, imag) pair starts there
         state["sum"] = torch.full_like(p, initial, memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.ADAGRAD, lambda group: ("sum",), lambda group, state, lr, step: [-lr, group["eps"]]
+    )
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

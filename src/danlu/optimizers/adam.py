@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas, check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["Adam"]
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    beta1, beta2 = group["betas"]
+    correction1, sqrt_correction2 = (1 - beta1**step, math.sqrt(1 - beta2**step)) if group["bias_correction"] else (1.0, 1.0)
+    return [1 - beta1, beta2, 1 - beta2, sqrt_correction2, group["eps"], -lr / correction1]
 
 
 class Adam(DanluOptimizer):
@@ -83,6 +90,9 @@ class Adam(DanluOptimizer):
         if isinstance(step, Tensor):
             return 1 - beta1**step, (1 - beta2**step).sqrt()
         return 1 - beta1**step, math.sqrt(1 - beta2**step)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.ADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

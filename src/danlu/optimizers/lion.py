@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas
 from danlu.base import DanluOptimizer, ParamsT
 
@@ -62,6 +63,11 @@ class Lion(DanluOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.LION, lambda group: ("exp_avg",), lambda group, state, lr, step: [1 - group["betas"][0], 1 - group["betas"][1], -lr]
+    )
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas, check_number
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["NAdam"]
+
+
+def _native_rows(group: Mapping[str, Any], states: list[dict[str, Any]], lrs: list[float], steps: list[float]) -> Any:
+    """The kernel rows of many tensors (as ``NAdam._coefficients``), every ``mu_product`` advanced in one call."""
+    import numpy as np
+
+    beta1, beta2 = group["betas"]
+    psi = group["momentum_decay"]
+    products = [s["mu_product"] for s in states]
+    distinct = sorted(set(steps))  # one step count in a group, except after parameters were added
+    by_step = {t: (beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)), beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))) for t in distinct}
+    if len(distinct) == 1:
+        (mu, mu_next), sqrt_correction2 = by_step[distinct[0]], (1 - beta2 ** distinct[0]) ** 0.5
+        torch._foreach_mul_(products, mu)
+    else:
+        mu = np.array([by_step[t][0] for t in steps])
+        mu_next = np.array([by_step[t][1] for t in steps])
+        sqrt_correction2 = np.array([(1 - beta2**t) ** 0.5 for t in steps])
+        torch._foreach_mul_(products, mu.tolist())
+    mu_product = torch.stack(products).numpy() if len(products) > 1 else np.array([float(products[0])])
+    lr = np.array(lrs, dtype=np.float64)
+    rows = np.zeros((len(states), 7))
+    rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 4] = 1 - beta1, beta2, 1 - beta2, group["eps"]
+    rows[:, 3] = sqrt_correction2
+    rows[:, 5] = -lr * (1.0 - mu) / (1.0 - mu_product)
+    rows[:, 6] = -lr * mu_next / (1.0 - mu_product * mu_next)
+    return rows
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    return list(_native_rows(group, [dict(state)], [lr], [step])[0])
 
 
 class NAdam(DanluOptimizer):
@@ -86,6 +118,11 @@ class NAdam(DanluOptimizer):
         grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
         momentum_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
         return grad_coef, momentum_coef, (1 - beta2**step) ** 0.5
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.NADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients, rows=_native_rows
+    )
+    """The native kernel (see ``danlu._native_spec``): the rows advance ``mu_product`` as the reference does."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas, check_number
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.optimizers._moments import init_moments, update_moments, update_moments_foreach
 
 __all__ = ["RAdam"]
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    beta1, beta2 = group["betas"]
+    scale = -lr / (1 - beta1**step)
+    adaptive = RAdam._rectification(group, step)
+    rectified = adaptive is not None
+    return [1 - beta1, beta2, 1 - beta2, float(rectified), group["eps"], scale, scale * adaptive if rectified else 0.0]
 
 
 class RAdam(DanluOptimizer):
@@ -95,6 +104,9 @@ class RAdam(DanluOptimizer):
         rectified = rho_t > 5.0
         ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         return rectified, torch.where(rectified, ratio.clamp(min=0).sqrt() * correction2.sqrt(), 0.0)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.RADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
 
 __all__ = ["RMSprop"]
+
+
+def _native_state_keys(group: Mapping[str, Any]) -> tuple[str | None, ...]:
+    return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None, "grad_avg" if group["centered"] else None)
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    alpha, momentum = group["alpha"], group["momentum"]
+    return [alpha, 1 - alpha, group["eps"], -lr, float(group["centered"]), float(momentum > 0), momentum]
 
 
 class RMSprop(DanluOptimizer):
@@ -77,6 +87,9 @@ class RMSprop(DanluOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["centered"]:
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.RMSPROP, _native_state_keys, _native_coefficients)
+    """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from danlu._distributed import foreach_copy_
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_bool, check_number
 from danlu.base import DanluOptimizer, ParamsT
 
 __all__ = ["SGD"]
+
+
+def _native_state_keys(group: Mapping[str, Any]) -> tuple[str | None]:
+    return ("momentum_buffer" if group["momentum"] != 0 else None,)
+
+
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    momentum = group["momentum"]
+    return [float(momentum != 0), momentum, 1 - group["dampening"], float(group["nesterov"]), float(step == 1), -lr]
 
 
 class SGD(DanluOptimizer):
@@ -75,6 +85,9 @@ class SGD(DanluOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         if group["momentum"] != 0:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.SGD, _native_state_keys, _native_coefficients)
+    """The native kernel (see ``danlu._native_spec``): momentum buffer in slot 0."""
 
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float

@@ -1,0 +1,222 @@
+"""Schedule-Free (``extend_with_schedule_free``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from danlu._distributed import foreach_copy_
+from danlu._native_spec import Blocks
+from danlu._validate import check_number
+from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
+from danlu.derivations.lookahead import Lookahead
+
+if TYPE_CHECKING:
+    from danlu._host import DerivationHost
+
+__all__ = ["ScheduleFree", "ScheduleFreeModeError"]
+
+Z = "schedule_free.z"
+X = "schedule_free.x"
+EVAL = "schedule_free_eval"
+"""Param-group key: true while ``eval()`` has put the averaged weights x into the parameters."""
+LR_MAX = "schedule_free_lr_max"
+WEIGHT_SUM = "schedule_free_weight_sum"
+_STEP_LRS = "_danlu_schedule_free_lrs"
+
+
+class ScheduleFreeModeError(ValueError, RuntimeError):
+    """``step()`` while the optimizer is in eval mode (the parameters hold the averaged weights x).
+
+    A ``ValueError`` (a bad call, like danlu's other bad inputs) and a ``RuntimeError`` (the
+    optimizer is in the wrong mode for it), so that either ``except`` catches it. Nothing changes.
+    """
+
+
+class ScheduleFree(Derivation):
+    r"""Schedule-Free (Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, 2024), in the wrapper form of the ``schedulefree`` package.
+
+    The base optimizer steps the sequence :math:`z`; :math:`x` is a weighted average of the
+    :math:`z`; the gradient is taken at their interpolation :math:`y`, which the parameters hold in
+    training. After the :math:`t`-th applied step, with :math:`\eta_t` the step's effective lr:
+
+    .. math::
+
+        z_t = \mathrm{base}(z_{t-1}, \nabla f(y_{t-1})), \qquad
+        \eta_{\max} = \max_{s \le t} \eta_s, \qquad w_t = t^{r}\, \eta_{\max}^{p}, \qquad
+        c_t = \frac{w_t}{\sum_{s \le t} w_s},
+
+        x_t = (1 - c_t)\, x_{t-1} + c_t\, z_t, \qquad
+        y_t = \beta\, x_t + (1 - \beta)\, z_t
+
+    with :math:`\beta` = ``schedule_free_momentum``, :math:`p` = ``weight_lr_power`` and :math:`r` =
+    ``average_power``; :math:`x_0 = z_0 = y_0` are the parameters. ``optimizer.eval()`` puts
+    :math:`x` into the parameters (for evaluation and saving), ``optimizer.train()`` puts :math:`y`
+    back; ``step()`` in eval mode raises :class:`ScheduleFreeModeError`. The optimizer starts in
+    train mode (the package's wrappers start in eval mode and need a ``train()`` first; before the
+    first step both modes hold the same weights). The mode is saved in ``state_dict``.
+
+    State: :math:`z` and :math:`x` (``state[p]["schedule_free.z"]``, ``["schedule_free.x"]``), two
+    parameter-sized tensors, float32 for 16-bit parameters; :math:`y` is the parameter itself. The
+    base never sees them. Put Lookahead inside (``"adam+lookahead+schedule_free"``: it acts on
+    :math:`z`); over Schedule-Free it would act on :math:`y`, which the next step overwrites, so
+    that stack is refused at its first step.
+
+    Keyword arguments: ``schedule_free_momentum=0.9`` (in [0, 1)), ``weight_lr_power=2.0`` and
+    ``average_power=0.0`` (finite, >= 0).
+
+    Example:
+        >>> import torch, danlu
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = danlu.extend_with_schedule_free(danlu.SGD)([w], lr=1.0, schedule_free_momentum=0.5)
+        >>> w.grad = torch.ones(1); _ = opt.step()   # z = -1, x = z (first weight is all of it), y = x
+        >>> w.grad = torch.ones(1); _ = opt.step()   # z = -2, x = (-1 - 2) / 2, y = (x + z) / 2
+        >>> w.item()
+        -1.75
+        >>> opt.eval(); w.item()
+        -1.5
+        >>> opt.train(); w.item()
+        -1.75
+    """
+
+    name = "schedule_free"
+    title = "ScheduleFree"
+    defaults = {"schedule_free_momentum": 0.9, "weight_lr_power": 2.0, "average_power": 0.0}
+    state_keys = (Z, X)
+    required_state = (Z, X)
+    counters = (EVAL, LR_MAX, WEIGHT_SUM)
+    native = Blocks()
+    """The base steps z and the parameters then take y: a Lookahead or EMA fused into the kernel's pass
+    would see z, so Schedule-Free stacks keep the generic path (their own passes run in stack order)."""
+
+    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
+        return True
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked: dict[str, Any] = {}
+        if "schedule_free_momentum" in options:
+            checked["schedule_free_momentum"] = check_number(
+                "schedule_free_momentum", options["schedule_free_momentum"], low=0.0, high=1.0, high_open=True
+            )
+        for key in ("weight_lr_power", "average_power"):
+            if key in options:
+                checked[key] = check_number(key, options[key], low=0.0)
+        return checked
+
+    def check(self, host: DerivationHost) -> None:
+        if any(group[EVAL] for group in host.param_groups):
+            raise ScheduleFreeModeError(
+                "step() in eval mode: the parameters hold the averaged weights x; call optimizer.train() before training"
+            )
+        derivations = host._danlu_derivations
+        mine = next(i for i, d in enumerate(derivations) if d is self)
+        if any(isinstance(d, Lookahead) for d in derivations[mine + 1 :]):
+            raise ValueError(
+                "extend_with_lookahead over extend_with_schedule_free: Lookahead would act on y, which the next step "
+                "replaces; apply Lookahead inside Schedule-Free (create_optimizer('adam+lookahead+schedule_free'))"
+            )
+
+    def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            _ensure_state(host, group, p)
+
+    def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Record the step's lr and put z into the parameters: the base optimizer steps z."""
+        lr = _as_float(group.get("lr"))
+        lr *= math.prod(d.lr_multiplier(group) for d in host._danlu_derivations) * float(group.get("d", 1.0))
+        host.__dict__.setdefault(_STEP_LRS, {})[id(group)] = lr
+        tracked = [p for p in params if p.grad is not None or Z in host.state.get(p, {})]
+        for p in tracked:
+            _ensure_state(host, group, p)
+        _copy(tracked, [host.state[p][Z] for p in tracked])
+
+    def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        lr = host.__dict__.get(_STEP_LRS, {}).pop(id(group), 0.0)
+        group[LR_MAX] = lr_max = max(lr, group[LR_MAX])
+        weight = int(group[APPLIED_STEPS]) ** group["average_power"] * lr_max ** group["weight_lr_power"]
+        group[WEIGHT_SUM] = weight_sum = group[WEIGHT_SUM] + weight
+        average_weight = weight / weight_sum if weight_sum > 0 else 0.0
+        tracked = [p for p in params if Z in host.state.get(p, {})]
+        zs = [host.state[p][Z] for p in tracked]
+        xs = [host.state[p][X] for p in tracked]
+        _copy(zs, tracked)
+        for bucket in by_device_and_dtype(xs):
+            torch._foreach_lerp_([xs[i] for i in bucket], [zs[i] for i in bucket], average_weight)
+        _put_y(tracked, xs, zs, group["schedule_free_momentum"])
+
+    def finish(self, host: DerivationHost, failed: bool) -> None:
+        host.__dict__.pop(_STEP_LRS, None)
+        if failed:  # the parameters may hold z: put y back
+            for group in host.param_groups:
+                tracked = [p for p in group["params"] if Z in host.state.get(p, {})]
+                _put_y(
+                    tracked,
+                    [host.state[p][X] for p in tracked],
+                    [host.state[p][Z] for p in tracked],
+                    group["schedule_free_momentum"],
+                )
+
+
+def _ensure_state(host: DerivationHost, group: Mapping[str, Any], p: Tensor) -> None:
+    state = host.state[p]
+    if Z not in state:
+        dtype = wide_dtype(group, p)
+        state[Z] = p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
+        state[X] = p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
+
+
+def _as_float(lr: Any) -> float:
+    if lr is None:
+        return 1.0  # Adafactor's relative step: every step weighs the same
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+def _copy(dst: list[Tensor], src: list[Tensor]) -> None:
+    same = [i for i, (d, s) in enumerate(zip(dst, src)) if d.dtype == s.dtype]
+    foreach_copy_([dst[i] for i in same], [src[i] for i in same])
+    for i in sorted(set(range(len(dst))) - set(same)):
+        dst[i].copy_(src[i])
+
+
+def _put_y(params: list[Tensor], xs: list[Tensor], zs: list[Tensor], momentum: float) -> None:
+    """``p = lerp(x, z, 1 - momentum)``, computed in the state's dtype and rounded once into the parameter."""
+    same = [i for i, (p, x) in enumerate(zip(params, xs)) if p.dtype == x.dtype]
+    chosen = [params[i] for i in same]
+    foreach_copy_(chosen, [xs[i] for i in same])
+    if chosen:
+        for bucket in by_device_and_dtype(chosen):
+            torch._foreach_lerp_([chosen[i] for i in bucket], [zs[same[i]] for i in bucket], 1 - momentum)
+    for i in sorted(set(range(len(params))) - set(same)):
+        params[i].copy_(torch.lerp(xs[i], zs[i], 1 - momentum))
+
+
+def train(self: DerivationHost) -> None:
+    """Training mode: the parameters hold y, where gradients are taken (the mode a new optimizer starts in)."""
+    with torch.no_grad():
+        for group in self.param_groups:
+            if group[EVAL]:
+                tracked = [p for p in group["params"] if Z in self.state.get(p, {})]
+                _put_y(
+                    tracked,
+                    [self.state[p][X] for p in tracked],
+                    [self.state[p][Z] for p in tracked],
+                    group["schedule_free_momentum"],
+                )
+            group[EVAL] = False
+
+
+def eval(self: DerivationHost) -> None:
+    """Evaluation mode: the parameters hold the averaged weights x (evaluate, save the model; ``train()`` to go on)."""
+    with torch.no_grad():
+        for group in self.param_groups:
+            if not group[EVAL]:
+                tracked = [p for p in group["params"] if Z in self.state.get(p, {})]
+                _copy(tracked, [self.state[p][X] for p in tracked])
+            group[EVAL] = True
+
+
+ScheduleFree.methods = {"train": train, "eval": eval}
