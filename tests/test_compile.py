@@ -35,6 +35,8 @@ class Case:
     make: Callable[[list[tuple[str, torch.nn.Parameter]]], torch.optim.Optimizer]
     sparse_rows: bool = False  # leave whole rows of the embedding's gradient at zero (lazy updates)
     eager_first_call: bool = False
+    known_failure: bool = False
+    """Not yet traceable: Muon's step reads Python numbers from tensors (``.item()``, ``.tolist()``), 7 graphs and 5 breaks."""
     """A torch.optim base: the call that creates its state runs eagerly (one more graph break, see
     ``ForeignHost._needs_eager_call``), the later calls are one graph."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +64,8 @@ OPTIMIZER_CASES = [
     Case("RAdam", _plain(D.RAdam, lr=0.01)),
     Case("Adafactor", _named(D.Adafactor, lr=0.01, min_dim_size_to_factor=2)),
     Case("Lion", _plain(D.Lion, lr=0.01)),
+    Case("Adamax", _plain(D.Adamax, lr=0.01)),
+    Case("Muon", _named(D.Muon, lr=0.01, ns_dtype=torch.float32), known_failure=True),
     Case("LazyAdam", _plain(D.LazyAdam, lr=0.01)),
     Case("AdamW", _named(D.AdamW, lr=0.01, weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])),
     Case("Lamb", _named(D.Lamb, lr=0.01, weight_decay_rate=0.1)),
@@ -70,7 +74,7 @@ OPTIMIZER_CASES = [
 ]
 """Every danlu optimizer (the ready-made stacks included); Adamax and Muon join with a row each."""
 
-COVERED = {"SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "LazyAdam"}
+COVERED = {"SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "Adamax", "LazyAdam", "Muon"}
 """The classes of danlu.optimizers that the rows above build."""
 
 
@@ -192,7 +196,14 @@ def _check(case: Case, backend: str) -> None:
                 assert int(compiled_group[key]) == int(eager_group[key]), f"{case.id}: {key}"
 
 
-@pytest.mark.parametrize("case", OPTIMIZER_CASES + STACK_CASES, ids=lambda c: c.id)
+def _rows(cases: list[Case]) -> list[Any]:
+    return [
+        pytest.param(c, id=c.id, marks=pytest.mark.xfail(reason="Muon reads .item() and .tolist() in its step", strict=True) if c.known_failure else ())
+        for c in cases
+    ]
+
+
+@pytest.mark.parametrize("case", _rows(OPTIMIZER_CASES + STACK_CASES))
 def test_compiled_step_traces_once_and_matches_eager(case: Case) -> None:
     _check(case, "eager")
 
