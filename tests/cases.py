@@ -266,12 +266,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
         error_inputs=(_e(ValueError, "betas[1]", betas=(0.9, 1.2)), _e(ValueError, "betas", betas=(1.0, 0.99))),
     ),
     OptimizerCase(
-        "lazyadam", D.LazyAdam, dict(lr=0.01), spec="lazyadam", supports_sparse=True, native=False,
-        error_inputs=(_e(ValueError, "betas", betas=(0.9, -0.1)),),
-    ),
-    OptimizerCase(
-        "muon", D.Muon, dict(lr=0.02, ns_dtype=torch.float64, exclude_from_muon=["embeddings"]), spec="muon",
-        supports_complex=False, needs_names=True, native=False,
+        "muon", D.Muon, dict(lr=0.02, ns_dtype=torch.float64), spec="muon", supports_complex=False, native=False,
         error_inputs=(
             _e(ValueError, "momentum", momentum=1.0),
             _e(ValueError, "momentum", momentum=-0.1),
@@ -292,6 +287,10 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
             _e(ValueError, "exclude_from_muon", exclude_from_muon=["("]),
             _e(TypeError, "exclude_from_muon", exclude_from_muon=[3]),
         ),
+    ),
+    OptimizerCase(
+        "lazyadam", D.LazyAdam, dict(lr=0.01), spec="lazyadam", supports_sparse=True, native=False,
+        error_inputs=(_e(ValueError, "betas", betas=(0.9, -0.1)),),
     ),
     OptimizerCase(
         "adamw", D.AdamW, dict(lr=0.01, weight_decay_rate=0.1), spec="adamw", holds=("weight_decay",),

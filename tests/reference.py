@@ -89,6 +89,10 @@ def simulate(
     buffers = {n: torch.zeros_like(p) for n, p in params.items()}
     slow = {n: p.clone() for n, p in params.items()}
     ema = {n: torch.zeros_like(p) for n, p in params.items()}
+    schedule_free = "schedule_free" in names  # the base steps z; x averages z; the parameters hold y
+    z = {n: p.clone() for n, p in params.items()}
+    x = {n: p.clone() for n, p in params.items()}
+    lr_max = weight_sum = 0.0
     history = []
     for step_grads in grads:
         calls += 1
@@ -105,12 +109,19 @@ def simulate(
         if "clip" in names:
             g = _clip(options, g)
         lr_t = base.lr * (piecewise(applied, options["lr_schedule"]) if "piecewise_linear_lr" in names else 1.0)
-        for n, p_old in params.items():
+        for n, p_old in (z if schedule_free else params).items():
             d = base.step(n, p_old, g[n], lr_t) - p_old
             for name in names:
                 d = _transform(name, options, n, p_old, d, g[n], lr_t)
-            params[n] = p_old + d
+            (z if schedule_free else params)[n] = p_old + d
         applied += 1
+        if schedule_free:
+            lr_max = max(lr_max, lr_t)
+            weight = applied ** options["average_power"] * lr_max ** options.get("weight_lr_power", 2.0)
+            weight_sum += weight
+            for n in params:
+                x[n] = x[n] + weight / weight_sum * (z[n] - x[n])
+                params[n] = x[n] + (1 - options["schedule_free_momentum"]) * (z[n] - x[n])
         for name in names:
             if name == "lookahead" and applied % options["steps_per_slow_update"] == 0:
                 for n in params:

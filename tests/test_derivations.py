@@ -12,8 +12,7 @@ import danlu
 from cases import DERIVATION_CASES, DERIVATIONS, OPTIMIZERS, derive, gradients, named_params, run
 from reference import AdamMath, SignMomentumMath, simulate
 
-OWN_ORACLE = {"schedule_free": "tests/test_schedule_free.py compares it with the schedulefree package's reference wrapper"}
-COMPOSITIONS = [[case.id] for case in DERIVATION_CASES if case.id not in OWN_ORACLE] + [
+COMPOSITIONS = [[case.id] for case in DERIVATION_CASES] + [
     ["weight_decay", "layer_adaptation"],
     ["layer_adaptation", "weight_decay"],
     ["gradient_accumulation", "piecewise_linear_lr", "lookahead", "ema"],

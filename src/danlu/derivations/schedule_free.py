@@ -16,6 +16,7 @@ from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dty
 from danlu.derivations.lookahead import Lookahead
 
 if TYPE_CHECKING:
+    from danlu._context import StepContext
     from danlu._host import DerivationHost
 
 __all__ = ["ScheduleFree", "ScheduleFreeModeError"]
@@ -148,7 +149,12 @@ class ScheduleFree(Derivation):
             torch._foreach_lerp_([xs[i] for i in bucket], [zs[i] for i in bucket], average_weight)
         _put_y(tracked, xs, zs, group["schedule_free_momentum"])
 
-    def finish(self, host: DerivationHost, failed: bool) -> None:
+    def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:
+        """Never withholds a step; registers what a step that fails after :meth:`prepare` must undo."""
+        ctx.cleanup.append(lambda failed: self._finish(host, failed))
+        return True
+
+    def _finish(self, host: DerivationHost, failed: bool) -> None:
         host.__dict__.pop(_STEP_LRS, None)
         if failed:  # the parameters may hold z: put y back
             for group in host.param_groups:

@@ -22,6 +22,7 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 BATCH_ON_CPU = False
 """Stack same-shape matrices into one ``bmm`` chain on the CPU too (see :func:`batched_newton_schulz`)."""
 _ORTHOGONALIZED = "_danlu_muon_orthogonalized"
+_STEP_CONTEXT = "_danlu_muon_step_context"
 """Instance attribute during a step: {id(group): {id(p): O}}, the batched Newton-Schulz results of the group."""
 
 
@@ -310,21 +311,22 @@ class Muon(DanluOptimizer):
         for every matrix of the group at once (one ``bmm`` chain per shape); the chunks of the
         skeleton then take their matrices from it.
         """
-        self.__dict__[_ORTHOGONALIZED] = (ctx, {})
+        self.__dict__[_STEP_CONTEXT] = ctx
         try:
             super()._group_step(ctx, group, scale)
         finally:
             self.__dict__.pop(_ORTHOGONALIZED, None)
+            self.__dict__.pop(_STEP_CONTEXT, None)
 
     def _take_orthogonalized(self, group: Mapping[str, Any], p: Tensor) -> Tensor | None:
         if group.get("foreach") is False:
             return None
-        ctx, batches = self.__dict__[_ORTHOGONALIZED]
+        batches: dict[int, dict[int, Tensor]] = self.__dict__.setdefault(_ORTHOGONALIZED, {})
         if id(group) not in batches:
-            batches[id(group)] = self._orthogonalize_group(ctx, group) if _group_pass_pays(ctx, group) else {}
+            batches[id(group)] = self._orthogonalize_group(group) if _group_pass_pays(group) else {}
         return batches[id(group)].pop(id(p), None)
 
-    def _orthogonalize_group(self, ctx: StepContext, group: Mapping[str, Any]) -> dict[int, Tensor]:
+    def _orthogonalize_group(self, group: Mapping[str, Any]) -> dict[int, Tensor]:
         """Momentum and Newton-Schulz for every Muon matrix of ``group`` that has a gradient: {id(p): O}.
 
         Row-sharded matrices (FSDP2) are spread over the processes (:func:`_spread_newton_schulz`);
@@ -332,15 +334,17 @@ class Muon(DanluOptimizer):
         """
         from danlu._precision import compute_dtype
 
+        ctx: StepContext = self.__dict__[_STEP_CONTEXT]
         entries: list[tuple[Tensor, Tensor]] = []  # (parameter, its update)
         for p in group["params"]:
             state = self.state.get(p)
-            used = ctx.scaled_gradient(p)  # after accumulation's mean and any gradient hook
-            if used is None or not state or "momentum_buffer" not in state:
+            grad = ctx.gradient(p)
+            if grad is None or not state or "momentum_buffer" not in state:
                 continue
             dtype = compute_dtype(p, group.get("state_dtype"))
-            grad = used if used.dtype == dtype else used.to(dtype)
-            entries.append((p, _nesterov_update(group, state, grad)))
+            grad = grad if grad.dtype == dtype else grad.to(dtype)
+            factor = ctx.scales.get(id(p))  # as the skeleton's generic path applies a gradient scale (clipping)
+            entries.append((p, _nesterov_update(group, state, grad if factor is None else grad * factor)))
         spread = [e for e in entries if _row_sharded(e[1])]
         here = [e for e in entries if not _row_sharded(e[1])]
         matrices = [_whole(u, group["ns_dtype"]).reshape(_matrix_shape(p)) for p, u in here]
@@ -379,13 +383,13 @@ def batched_newton_schulz(group: Mapping[str, Any], matrices: list[Tensor]) -> l
     return [o for o in results if o is not None]
 
 
-def _group_pass_pays(ctx: StepContext, group: Mapping[str, Any]) -> bool:
+def _group_pass_pays(group: Mapping[str, Any]) -> bool:
     """Whether the whole-group pass gains anything: batching off the CPU, or spreading sharded matrices.
 
     On the CPU, without sharding, the matrices are orthogonalized one by one anyway, and doing that
     in each tensor's own update keeps one orthogonalized matrix alive at a time instead of all of them.
     """
-    matrices = [p for p in group["params"] if ctx.gradient(p) is not None and p.dim() >= 2]
+    matrices = [p for p in group["params"] if p.dim() >= 2 and p.grad is not None]
     return any(p.device.type != "cpu" or BATCH_ON_CPU or _row_sharded(p) for p in matrices)
 
 
