@@ -264,6 +264,7 @@ def danlu_impls() -> list[Impl]:
     la_ema_adamw = d.extend_with_exponential_moving_average(la_adamw)
     wd_lion = d.extend_with_weight_decay(d.Lion)
     sf_adamw = d.extend_with_schedule_free(d.AdamW)
+    clip_adamw = d.extend_with_gradient_clipping(d.AdamW)
     impls = [
         Impl("danlu.Adam", "danlu", "adam", lambda nm: d.Adam(nm, lr=LR), _t(7)),
         Impl("danlu.AdamW", "danlu", "adamw", lambda nm: d.AdamW(nm, lr=LR, weight_decay_rate=0.01), _t(7)),
@@ -287,6 +288,14 @@ def danlu_impls() -> list[Impl]:
             "piecewise+adamw",
             lambda nm: pw_adamw(nm, lr=LR, lr_schedule={1000: 1.0, 2000: 0.1}),
             _t(7),
+        ),
+        Impl(
+            "danlu.Clip+AdamW",
+            "danlu",
+            "clip+adamw",
+            lambda nm: clip_adamw(nm, lr=LR, weight_decay_rate=0.01, global_clipnorm=1e-3),
+            _t(7 + 1),
+            note="global_clipnorm always active: + one read of g for the norm; the factor folds into the kernel",
         ),
         Impl("danlu.NAdam", "danlu", "nadam", lambda nm: d.NAdam(nm, lr=LR), _t(7)),
         Impl("danlu.RAdam", "danlu", "radam", lambda nm: d.RAdam(nm, lr=LR), _t(7)),

@@ -99,7 +99,7 @@ class GradientClipping(Derivation):
             return None
         grads = [_scaled(ctx, p) for _, p in pairs]
         norms = whole_norms(grads, _norm_dtype(grads))
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = torch.linalg.vector_norm(torch.stack(norms).sort().values)  # sorted: the same bits in any parameter order
         if not _is_compiling() and not bool(torch.isfinite(total)):
             return _nonfinite(host, total)
         host.grad_norm = total  # type: ignore[attr-defined]
