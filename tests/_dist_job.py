@@ -415,7 +415,7 @@ def dcp_resume(name: str, rank: int, world: int, out: Path) -> dict[str, Any]:
     fully_shard(fresh)
     fresh_opt = build(spec, kwargs, fresh)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
-    calls_after_template = fresh_opt.param_groups[0]["calls"]
+    calls_after_template = int(fresh_opt.param_groups[0]["calls"])  # a number: DCP loads into the counter tensors
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(checkpoint))
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -435,7 +435,7 @@ def dcp_resume(name: str, rank: int, world: int, out: Path) -> dict[str, Any]:
         "calls_after_template": calls_after_template,
         "loaded_lr_schedule": {str(k): v for k, v in loaded_group.get("lr_schedule", {}).items()},
         "loaded_schedule_key_types": sorted({type(k).__name__ for k in loaded_group.get("lr_schedule", {})}),
-        "loaded_counters": [loaded_group["applied_steps"], loaded_group["calls"]],
+        "loaded_counters": [int(loaded_group["applied_steps"]), int(loaded_group["calls"])],
         "loaded_patterns": repr(loaded_group.get("exclude_from_layer_adaptation")),
         "checkpoint": str(checkpoint),
     }

@@ -1,92 +1,316 @@
-"""A compiled step of a derived stack: fullgraph, no recompilation over a changing schedule, same numbers."""
+"""``torch.compile(opt.step)``: at most two graphs over a run whose lr changes every step, no more graph
+breaks than torch.optim's own optimizers have in the same loop, and the parameters of the eager run.
+
+One row per optimizer and per deep stack; an optimizer added to ``danlu.optimizers.__all__`` needs a
+row here (``test_every_optimizer_has_a_row``). Compiled with the ``eager`` backend (Dynamo's tracing,
+guards and graph breaks, which is what the counts are about); two stacks also through ``aot_eager``
+and, with ``DANLU_SLOW_TESTS=1``, one through inductor (C++ code generation takes minutes here).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import danlu
 from danlu.compiled import compile_step
 
 D = danlu
+STEPS = 20
+SHAPES = (("emb.weight", (6, 4)), ("dense.weight", (3, 4)), ("dense.bias", (3,)))
 
 
-def _stack():
-    return D.extend_with_lookahead(D.extend_with_gradient_accumulation(D.extend_with_piecewise_linear_lr(D.AdamW)))
+@dataclass(frozen=True)
+class Case:
+    """How to build one optimizer (or stack) over named parameters, and what to check."""
+
+    id: str
+    make: Callable[[list[tuple[str, torch.nn.Parameter]]], torch.optim.Optimizer]
+    sparse_rows: bool = False  # leave whole rows of the embedding's gradient at zero (lazy updates)
+    eager_first_call: bool = False
+    known_failure: bool = False
+    """Not yet traceable: Muon's step reads Python numbers from tensors (``.item()``, ``.tolist()``), 7 graphs and 5 breaks."""
+    """A torch.optim base: the call that creates its state runs eagerly (one more graph break, see
+    ``ForeignHost._needs_eager_call``), the later calls are one graph."""
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _setup(dtype=torch.float64):
-    torch.manual_seed(0)
-    named = [
-        (n, torch.nn.Parameter(torch.randn(s, dtype=dtype)))
-        for n, s in (("a.weight", (6, 5)), ("a.bias", (5,)), ("b.weight", (4,)))
-    ]
-    kw = dict(
+def _named(ctor: Callable[..., torch.optim.Optimizer], **kw: Any) -> Callable[[list[Any]], torch.optim.Optimizer]:
+    return lambda named: ctor(named, **kw)
+
+
+def _plain(ctor: Callable[..., torch.optim.Optimizer], **kw: Any) -> Callable[[list[Any]], torch.optim.Optimizer]:
+    return lambda named: ctor([p for _, p in named], **kw)
+
+
+OPTIMIZER_CASES = [
+    Case("SGD", _plain(D.SGD, lr=0.1)),
+    Case("SGD-momentum", _plain(D.SGD, lr=0.1, momentum=0.9, dampening=0.1)),
+    Case("SGD-nesterov", _plain(D.SGD, lr=0.1, momentum=0.9, nesterov=True)),
+    Case("Adagrad", _plain(D.Adagrad, lr=0.1)),
+    Case("Adadelta", _plain(D.Adadelta, lr=1.0)),
+    Case("RMSprop", _plain(D.RMSprop, lr=0.01)),
+    Case("RMSprop-centered-momentum", _plain(D.RMSprop, lr=0.01, centered=True, momentum=0.9)),
+    Case("Adam", _plain(D.Adam, lr=0.01)),
+    Case("Adam-no-bias-correction", _plain(D.Adam, lr=0.01, bias_correction=False)),
+    Case("NAdam", _plain(D.NAdam, lr=0.01)),
+    Case("RAdam", _plain(D.RAdam, lr=0.01)),
+    Case("Adafactor", _named(D.Adafactor, lr=0.01, min_dim_size_to_factor=2)),
+    Case("Lion", _plain(D.Lion, lr=0.01)),
+    Case("Adamax", _plain(D.Adamax, lr=0.01)),
+    Case("Muon", _named(D.Muon, lr=0.01, ns_dtype=torch.float32), known_failure=True),
+    Case("LazyAdam", _plain(D.LazyAdam, lr=0.01)),
+    Case("AdamW", _named(D.AdamW, lr=0.01, weight_decay_rate=0.1, exclude_from_weight_decay=["bias"])),
+    Case("Lamb", _named(D.Lamb, lr=0.01, weight_decay_rate=0.1)),
+    Case("Ranger", _named(D.Ranger, lr=0.01, steps_per_slow_update=3)),
+    Case("AdamW+gradient_clipping", _named(D.extend_with_gradient_clipping(D.AdamW), lr=0.01, global_clipnorm=1.0)),
+]
+"""Every danlu optimizer (the ready-made stacks included); Adamax and Muon join with a row each."""
+
+COVERED = {"SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "NAdam", "RAdam", "Adafactor", "Lion", "Adamax", "LazyAdam", "Muon"}
+"""The classes of danlu.optimizers that the rows above build."""
+
+
+def _deep_stack_a(named: list[Any]) -> torch.optim.Optimizer:
+    """Accumulation + Lookahead + EMA + piecewise lr over AdamW."""
+    stack = D.extend_with_exponential_moving_average(
+        D.extend_with_lookahead(D.extend_with_gradient_accumulation(D.extend_with_piecewise_linear_lr(D.AdamW)))
+    )
+    return stack(
+        named,
         lr=0.05,
-        lr_schedule={0: 0.0, 20: 1.0, 60: 0.1},
+        lr_schedule={0: 0.2, 4: 1.0, 12: 0.3},
         grad_accum_steps=2,
-        steps_per_slow_update=5,
+        steps_per_slow_update=3,
+        ema_momentum=0.9,
         weight_decay_rate=0.1,
         exclude_from_weight_decay=["bias"],
     )
-    return named, kw
 
 
-class Counter:
-    def __init__(self):
-        self.compiles = 0
+def _deep_stack_b(named: list[Any]) -> torch.optim.Optimizer:
+    """Lazy + parameter-wise lr + weight decay over Adam."""
+    stack = D.extend_with_lazy_optimization(D.extend_with_parameter_wise_lr(D.extend_with_weight_decay(D.Adam)))
+    return stack(
+        named,
+        lr=0.05,
+        include_in_lazy_optimization=["emb"],
+        paramwise_lr_schedule={"emb": 2.0, "bias": 0.5},
+        weight_decay_rate=0.1,
+    )
 
-    def __call__(self, gm, example_inputs):
-        self.compiles += 1
-        return gm.forward
+
+def _deep_stack_c(named: list[Any]) -> torch.optim.Optimizer:
+    """A foreign base: Lookahead + weight decay over torch.optim.Adam."""
+    stack = D.extend_with_lookahead(D.extend_with_weight_decay(torch.optim.Adam))
+    return stack(named, lr=0.05, weight_decay_rate=0.1, steps_per_slow_update=4)
 
 
-def _run(backend, calls=100, dtype=torch.float64, change_lr_at=70):
-    named_c, kw = _setup(dtype)
-    named_e, _ = _setup(dtype)
-    compiled_opt = _stack()(named_c, **kw)
-    eager_opt = _stack()(named_e, foreach=False, **kw)
-    step = compile_step(compiled_opt, backend=backend)
+STACK_CASES = [
+    Case("accumulation+lookahead+ema+piecewise/AdamW", _deep_stack_a),
+    Case("lazy+paramwise_lr+weight_decay/Adam", _deep_stack_b, sparse_rows=True),
+    Case("lookahead+weight_decay/torch.optim.Adam", _deep_stack_c, eager_first_call=True),
+]
+
+
+def _params(dtype: torch.dtype = torch.float32) -> list[tuple[str, torch.nn.Parameter]]:
+    torch.manual_seed(0)
+    return [(name, torch.nn.Parameter(torch.randn(shape, dtype=dtype))) for name, shape in SHAPES]
+
+
+def _gradients(named: list[Any], sparse_rows: bool, dtype: torch.dtype) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    for call in range(calls):
-        if call == change_lr_at:  # an LR scheduler changing the base lr: no recompilation either
-            compiled_opt.param_groups[0]["lr"] = eager_opt.param_groups[0]["lr"] = 0.02
-        for (_, pc), (_, pe) in zip(named_c, named_e):
-            g = torch.randn(pc.shape, generator=gen, dtype=dtype)
-            pc.grad, pe.grad = g.clone(), g.clone()
+    run = []
+    for step in range(STEPS):
+        grads = [torch.randn(p.shape, generator=gen, dtype=dtype) for _, p in named]
+        if sparse_rows:
+            grads[0][step % 3 :: 3] = 0.0  # rows of the embedding that this batch does not touch
+        run.append(grads)
+    return run
+
+
+def _train(opt: torch.optim.Optimizer, named: list[Any], run: list[list[torch.Tensor]], backend: str | None) -> None:
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))  # a new lr every step
+    step = opt.step if backend is None else torch.compile(opt.step, backend=backend)  # the scheduler's wrapper
+    for call, grads in enumerate(run):
+        for (_, p), g in zip(named, grads):
+            p.grad = g.clone()
         step()
-        eager_opt.step()
-        for (name, pc), (_, pe) in zip(named_c, named_e):
-            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
-            torch.testing.assert_close(pc.detach(), pe.detach(), **tol, msg=lambda m: f"call {call} {name}: {m}")
-    assert compiled_opt.param_groups[0]["applied_steps"] == eager_opt.param_groups[0]["applied_steps"] == calls // 2
-    sc, se = compiled_opt.state_dict(), eager_opt.state_dict()
-    for key in se["state"]:
-        for name, value in se["state"][key].items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(sc["state"][key][name], value, rtol=1e-10, atol=1e-12)
-    return compiled_opt
+        for (name, p), g in zip(named, grads):
+            assert p.grad is not None and torch.equal(p.grad, g), f"call {call}: step() wrote into {name}.grad"
+        sched.step()
 
 
-def test_compiled_stack_does_not_recompile_over_100_steps():
+@dataclass
+class Trace:
+    graphs: int
+    breaks: int
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def _compiled_run(case: Case, backend: str, dtype: torch.dtype = torch.float32) -> Trace:
     torch._dynamo.reset()
-    counter = Counter()
-    torch._dynamo.utils.counters.clear()
-    _run(counter)
-    assert counter.compiles == 1, f"compiled {counter.compiles} times"
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    counters.clear()
+    named = _params(dtype)
+    opt = case.make(named)
+    _train(opt, named, _gradients(named, case.sparse_rows, dtype), backend)
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    return Trace(graphs, breaks, [p.detach().clone() for _, p in named], opt)
 
 
-def test_unsupported_stacks_say_so():
-    with pytest.raises(NotImplementedError):
-        compile_step(D.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
-    with pytest.raises(NotImplementedError):
-        compile_step(D.LazyAdam([torch.nn.Parameter(torch.zeros(2))]))
+def _eager_run(case: Case, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    named = _params(dtype)
+    opt = case.make(named)
+    _train(opt, named, _gradients(named, case.sparse_rows, dtype), None)
+    return [p.detach().clone() for _, p in named], opt
+
+
+@functools.cache
+def _torch_baseline() -> Trace:
+    """torch.optim.AdamW (foreach, a float lr) in the same loop: the graph breaks torch users already have."""
+    return _compiled_run(Case("torch.optim.AdamW", _plain(torch.optim.AdamW, lr=0.01, foreach=True)), "eager")
+
+
+def _check(case: Case, backend: str) -> None:
+    baseline = _torch_baseline()
+    got = _compiled_run(case, backend)
+    expected, eager_opt = _eager_run(case)
+    assert got.graphs <= 2, f"{case.id}: {got.graphs} graphs"
+    allowed = baseline.breaks + (1 if case.eager_first_call else 0)
+    assert got.breaks <= allowed, f"{case.id}: {got.breaks} graph breaks, torch.optim.AdamW has {baseline.breaks}"
+    for (name, _), e, g in zip(SHAPES, expected, got.params):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case.id} {name}: {m}")
+    for key in ("calls", "applied_steps"):
+        for compiled_group, eager_group in zip(got.optimizer.param_groups, eager_opt.param_groups):
+            if key in eager_group:
+                assert int(compiled_group[key]) == int(eager_group[key]), f"{case.id}: {key}"
+
+
+def _rows(cases: list[Case]) -> list[Any]:
+    return [
+        pytest.param(c, id=c.id, marks=pytest.mark.xfail(reason="Muon reads .item() and .tolist() in its step", strict=True) if c.known_failure else ())
+        for c in cases
+    ]
+
+
+@pytest.mark.parametrize("case", _rows(OPTIMIZER_CASES + STACK_CASES))
+def test_compiled_step_traces_once_and_matches_eager(case: Case) -> None:
+    _check(case, "eager")
+
+
+@pytest.mark.parametrize("case", [STACK_CASES[0], STACK_CASES[2]], ids=lambda c: c.id)
+def test_compiled_step_through_aot_eager(case: Case) -> None:
+    _check(case, "aot_eager")
 
 
 @pytest.mark.skipif(not os.environ.get("DANLU_SLOW_TESTS"), reason="inductor compile takes minutes here; DANLU_SLOW_TESTS=1")
-def test_inductor_compiled_stack_matches_float32():
+def test_compiled_step_through_inductor() -> None:
+    _check(STACK_CASES[0], "inductor")
+
+
+def test_torch_baseline_is_what_the_limits_compare_with() -> None:
+    """The baseline itself: torch.optim.AdamW compiles to two graphs with the LambdaLR wrapper's breaks."""
+    baseline = _torch_baseline()
+    assert baseline.graphs == 2
+    assert 1 <= baseline.breaks <= 2
+
+
+def test_every_optimizer_has_a_row() -> None:
+    missing = set(danlu.optimizers.__all__) - COVERED
+    assert not missing, f"no compile row for {sorted(missing)}"
+
+
+def test_accumulation_under_compile_buffers_without_touching_the_step_state() -> None:
+    """A buffering call changes the buffer and the call count only; the applying call then matches eager."""
+    named = _params()
+    opt = D.extend_with_gradient_accumulation(D.Adam)(named, lr=0.1, grad_accum_steps=3)
+    step = torch.compile(opt.step, backend="eager")
+    grads = [torch.full(p.shape, 2.0) for _, p in named]
+    before = [p.detach().clone() for _, p in named]
+    for (_, p), g in zip(named, grads):
+        p.grad = g
+    step()
+    step()
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
+    state = opt.state[named[0][1]]
+    assert torch.equal(state["accum.grad"], 2 * grads[0])
+    assert float(state["step"]) == 0.0 and torch.count_nonzero(state["exp_avg"]) == 0
+    assert (int(opt.param_groups[0]["calls"]), int(opt.param_groups[0]["applied_steps"])) == (2, 0)
+    step()
+    assert torch.count_nonzero(state["accum.grad"]) == 0
+    assert float(state["step"]) == 1.0
+    torch.testing.assert_close(named[0][1].detach(), before[0] - 0.1)  # Adam's first step: -lr * sign(mean)
+    assert named[0][1].grad is grads[0] and torch.equal(grads[0], torch.full(grads[0].shape, 2.0))
+
+
+def test_compile_step_is_torch_compile_of_step() -> None:
+    """``compile_step`` is a thin wrapper: any optimizer, a plain danlu.Adam included (no derivations)."""
+    named = _params()
+    opt = D.Adam([p for _, p in named], lr=0.1)
+    step = compile_step(opt, backend="eager")
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    step()
+    assert float(opt.state[named[0][1]]["step"]) == 1.0
+    torch.testing.assert_close(named[2][1].detach(), _params()[2][1].detach() - 0.1)
+
+
+def test_counters_are_tensors_and_old_int_state_dicts_load() -> None:
+    named = _params()
+    opt = D.extend_with_lookahead(D.Adam)(named, lr=0.1)
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    group = opt.param_groups[0]
+    assert group["applied_steps"].dtype == torch.int64 and int(group["applied_steps"]) == 1
+    opt.step()
+    assert int(saved["param_groups"][0]["applied_steps"]) == 1, "a saved state dict keeps its counts"
+    old = {**saved, "param_groups": [{**g, "applied_steps": 1, "calls": 1} for g in saved["param_groups"]]}
+    opt.load_state_dict(old)
+    assert isinstance(opt.param_groups[0]["calls"], torch.Tensor) and int(opt.param_groups[0]["calls"]) == 1
+
+
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled-then-eager", "eager-then-compiled"])
+def test_state_dict_moves_between_compiled_and_eager_steps(compiled_first: bool) -> None:
+    """A state dict saved mid-cycle of accumulation by one kind of step resumes under the other."""
+    case = STACK_CASES[0]
+    run = _gradients(_params(), False, torch.float32)[:11]
+    named_a, named_b = _params(), _params()
+    first, reference = case.make(named_a), case.make(named_b)
     torch._dynamo.reset()
-    _run("inductor", calls=30, dtype=torch.float32, change_lr_at=20)
+    compiled_step = torch.compile(first.step, backend="eager")
+
+    def feed(named: list[Any], grads: list[torch.Tensor]) -> None:
+        for (_, p), g in zip(named, grads):
+            p.grad = g.clone()
+
+    for grads in run[:5]:  # 5 calls: the state dict is taken with a gradient buffered
+        feed(named_a, grads)
+        compiled_step() if compiled_first else first.step()
+        feed(named_b, grads)
+        reference.step()
+    saved = first.state_dict()
+    second = case.make(named_a)
+    second.load_state_dict(saved)
+    torch._dynamo.reset()
+    second_step = second.step if compiled_first else torch.compile(second.step, backend="eager")
+    for grads in run[5:]:
+        feed(named_a, grads)
+        second_step()
+        feed(named_b, grads)
+        reference.step()
+    torch._dynamo.reset()
+    for (name, a), (_, b) in zip(named_a, named_b):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert int(second.param_groups[0]["applied_steps"]) == int(reference.param_groups[0]["applied_steps"]) == 5

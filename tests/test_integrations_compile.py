@@ -48,14 +48,8 @@ SPECS = [
     "lamb+lookahead",
     "torch.AdamW+weight_decay+ema",
     "lion+piecewise_linear_lr",
-    pytest.param(
-        "torch.AdamW+gradient_accumulation",
-        marks=pytest.mark.xfail(
-            reason="known issue: under a compiled opt.step() the accumulation buffer is not zeroed after an applied "
-            "step (GradientAccumulation.finish runs in step()'s finally block, whose side effect Dynamo drops)",
-            strict=False,
-        ),
-    ),
+    "torch.AdamW+gradient_accumulation",
+    "adamw+gradient_accumulation+lookahead",
 ]
 
 

@@ -34,19 +34,35 @@ class StepContext:
         fused_after: ``(derivation index, id(group)) -> ids of parameters`` whose ``after_step`` the
             native kernel already did (Lookahead's sync, EMA).
         cleanup: callables run once the step has finished, succeeded or not (argument: failed).
+        applies: under ``torch.compile``, a 0-dim bool tensor where gradient accumulation decides
+            whether this call applies a step (None: it does); see :class:`danlu._host._Gate`.
+        gate_exempt: ids of the tensors that a call which does not apply keeps as written (the buffers).
         dropped: whether a gradient hook dropped this step (nothing else changed).
     """
 
-    __slots__ = ("cleanup", "dropped", "fused_after", "host", "lr_scales", "pending_means", "replaced", "scales")
+    __slots__ = (
+        "applies",
+        "cleanup",
+        "dropped",
+        "fused_after",
+        "gate_exempt",
+        "host",
+        "lr_scales",
+        "pending_means",
+        "replaced",
+        "scales",
+    )
 
     def __init__(self, host: DerivationHost) -> None:
         self.host = host
-        self.lr_scales: list[float] = [1.0] * len(host.param_groups)
+        self.lr_scales: list[Any] = [1.0] * len(host.param_groups)
         self.replaced: dict[int, Tensor] = {}
         self.scales: dict[int, Any] = {}
         self.pending_means: dict[int, tuple[Tensor, int]] = {}
         self.fused_after: dict[tuple[int, int], set[int]] = {}
         self.cleanup: list[Any] = []
+        self.applies: Tensor | None = None
+        self.gate_exempt: set[int] = set()
         self.dropped = False
 
     def gradient(self, p: Tensor) -> Tensor | None:

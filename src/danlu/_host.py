@@ -8,6 +8,13 @@ handing every proposed update to :meth:`DerivationHost._apply_transforms` before
 it is written. danlu's own optimizers do that on the update they compute (no
 parameter copy); a foreign optimizer is run on a snapshot of only the parameters
 that some transform selects (:class:`danlu.derive.ForeignHost`).
+
+Under ``torch.compile`` the step takes a traced form (:meth:`DerivationHost._traced_step`) in which
+nothing that changes from step to step is a Python number: the group counters ``calls`` and
+``applied_steps`` are 0-dim int64 tensors, ``state[p]["step"]`` stays a tensor, and the decisions
+that depend on them (gradient accumulation applies or buffers, Lookahead syncs) act through
+``torch.where``. A buffering call of gradient accumulation runs the whole step and then puts back
+every tensor it wrote (:class:`_Gate`), so that one graph serves every call.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from danlu._context import StepContext
 from danlu._distributed import all_zero
 from danlu._params import normalize_group
 from danlu._state import check_state_dict, keep_state_dtypes, normalize_loaded_groups, restore_derivation_state
-from danlu.derivations._base import APPLIED_STEPS, CALLS, Derivation
+from danlu.derivations._base import APPLIED_STEPS, CALLS, GROUP_COUNTERS, Derivation, as_counter
 from danlu.derivations.weight_decay import adopt_torch_weight_decay
 
 __all__ = ["DerivationHost"]
@@ -59,7 +66,9 @@ class DerivationHost(torch.optim.Optimizer):
             group.update(derivation.validate(group))
         existing = getattr(self, "param_groups", None)
         template = existing[0] if existing else {}
-        for key in (APPLIED_STEPS, CALLS, *(c for d in self._danlu_derivations for c in d.counters)):
+        for key in GROUP_COUNTERS:
+            group[key] = as_counter(group.get(key, template.get(key, 0)))
+        for key in (c for d in self._danlu_derivations for c in d.counters):
             group.setdefault(key, template.get(key, 0))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -82,31 +91,48 @@ class DerivationHost(torch.optim.Optimizer):
             "state": {pid: {k: v for k, v in entry.items() if k not in keys} for pid, entry in state_dict["state"].items()},
         }
         super().load_state_dict(base_part)
+        if self._danlu_derivations:
+            for group in self.param_groups:  # a state dict saved before the counters were tensors holds ints
+                for key in GROUP_COUNTERS:
+                    group[key] = as_counter(group.get(key, 0))
         restore_derivation_state(self, state_dict, keys)
         keep_state_dtypes(self, state_dict)
         self.__dict__.pop("_danlu_name_cache", None)
         self.__dict__.pop("_danlu_fused_plans", None)  # danlu._fused caches pointers to the state tensors
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step (or, under gradient accumulation, buffer one gradient)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        tracing = torch.compiler.is_compiling()
+        if tracing and self._needs_eager_call():
+            _eager_call(self)  # outside any block: a graph break inside one is counted twice
+            return loss
+        with torch.no_grad():
+            if tracing:
+                self._traced_step()
+            else:
+                self._eager_step()
+        return loss
+
+    def _eager_step(self) -> None:
         self._check_gradients()
         self._check_lrs()
         if not self.state and self._is_state_init_call():
             self._init_all_state()
-            return loss
-        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            return loss  # as in torch.optim: a step without gradients changes nothing and counts for nothing
+            return
+        if not self._any_gradient():
+            return  # as in torch.optim: a step without gradients changes nothing and counts for nothing
         if self._danlu_derivations:
             self._derived_step(StepContext(self))
         else:
             self._base_step(StepContext(self))
-        return loss
+
+    def _any_gradient(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _derived_step(self, ctx: StepContext) -> None:
         derivations = self._danlu_derivations
@@ -144,6 +170,50 @@ class DerivationHost(torch.optim.Optimizer):
         for index, derivation in enumerate(derivations):
             for group in self.param_groups:
                 derivation.after_step(self, group, self._after_step_params(ctx, index, group))
+
+    def _needs_eager_call(self) -> bool:
+        """Whether a traced call runs eagerly instead (a foreign base whose state its first step creates)."""
+        return False
+
+    def _traced_step(self) -> None:
+        """The step as ``torch.compile`` traces it: the hooks of :meth:`step`, branch-free on the counters.
+
+        The lr check is left out (as in ``torch.optim``, whose step checks nothing: a Python check of a
+        traced lr would tie the graph to its value), and so is the rollback of a failed step.
+        """
+        self._check_gradients()
+        if not self._any_gradient():
+            return
+        ctx = StepContext(self)
+        derivations = self._danlu_derivations
+        if not derivations:
+            self._base_step(ctx)
+            return
+        for derivation in derivations:
+            derivation.check(self)
+        if any([d.skip(self) for d in derivations]):
+            return
+        for derivation in derivations:
+            derivation.accumulate(self, ctx)  # under tracing it never withholds: it sets ctx.applies
+        gate = _Gate(self, ctx) if ctx.applies is not None else None
+        if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
+            ctx.dropped = True  # as in the eager step; the gate is not closed: nothing but the buffers was written
+            self._count(CALLS)
+            ctx.finish(False)
+            return
+        ctx.lr_scales = [_product([d.lr_multiplier(g) for d in derivations]) for g in self.param_groups]
+        for derivation in derivations:
+            for group in self.param_groups:
+                derivation.prepare(self, group, group["params"])
+        self._base_step(ctx)
+        self._count(CALLS)
+        self._count(APPLIED_STEPS, ctx.applies)
+        for derivation in derivations:
+            for group in self.param_groups:
+                derivation.after_step(self, group, group["params"])
+        if gate is not None:
+            gate.close()
+        ctx.finish(False)
 
     def _finish_derivations(self, failed: bool) -> None:
         for derivation in self._danlu_derivations:
@@ -204,13 +274,26 @@ class DerivationHost(torch.optim.Optimizer):
             for group in self.param_groups:
                 derivation.init_state(self, group, [p for p in group["params"] if p.grad is not None])
 
+    def _init_traced_state(self, params: list[Tensor]) -> None:
+        """Create the missing state of ``params`` that their first step creates (see :class:`_Gate`)."""
+        self._init_missing_base_state(params)
+        chosen = {id(p) for p in params}
+        for derivation in self._danlu_derivations:
+            for group in self.param_groups:
+                derivation.init_state(self, group, [p for p in group["params"] if id(p) in chosen])
+
+    def _init_missing_base_state(self, params: list[Tensor]) -> None:
+        """The base optimizer's state of ``params`` where it can be made without a step (a foreign base's cannot)."""
+
     def _init_base_state(self) -> None:
         """Create the base optimizer's state as its first step would (the base's own step for a foreign base)."""
         raise NotImplementedError
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, increment: Tensor | None = None) -> None:
+        """Add 1 (or ``increment``, a 0-dim tensor) to a group counter: a new tensor, so saved state dicts keep theirs."""
         for group in self.param_groups:
-            group[key] += 1
+            group[key] = group[key] + (1 if increment is None else increment)
+
 
     def _check_gradients(self) -> None:
         """Reject gradients the algorithm cannot take, before anything changes."""
@@ -259,6 +342,61 @@ class DerivationHost(torch.optim.Optimizer):
     def _names(group: dict[str, Any]) -> list[str | None]:
         names = group.get("param_names")
         return list(names) if names is not None else [None] * len(group["params"])
+
+
+@torch.compiler.disable
+def _eager_call(host: DerivationHost) -> None:
+    """One step outside the graph (one graph break, on the first call only)."""
+    with torch.no_grad():
+        host._eager_step()
+    if host._needs_eager_call():
+        return  # the next call is eager too (gradient accumulation buffered: the base has no state yet)
+    for group in host.param_groups:
+        if "capturable" in group:  # what dynamo sets in a traced step of a torch.optim base: no recompile for it
+            group["capturable"] = True
+
+
+def _product(factors: list[Any]) -> Any:
+    """The product of the lr multipliers (floats or 0-dim tensors); 1.0 for none."""
+    result: Any = 1.0
+    for factor in factors:
+        result = factor if isinstance(result, float) and result == 1.0 else result * factor
+    return result
+
+
+class _Gate:
+    """Makes a traced call of gradient accumulation that only buffers change nothing but its buffers.
+
+    The traced step runs the base optimizer and every derivation on every call; this keeps a copy
+    of each tensor that the call may write (the parameters with a gradient and their state, all
+    state being created first as the first step would) and, once the step is done, puts it back
+    where ``ctx.applies`` is False. State that a foreign base creates in the call itself starts from
+    zeros. The tensors in ``ctx.gate_exempt`` (the accumulation buffers) are left as the call wrote them.
+    """
+
+    __slots__ = ("applies", "host", "known", "saved")
+
+    def __init__(self, host: DerivationHost, ctx: StepContext) -> None:
+        self.host = host
+        self.applies = ctx.applies
+        params = [p for _, p in ctx.params_with_gradient()]
+        host._init_traced_state(params)
+        self.known = [(host.state[p], set(host.state[p])) for p in params]
+        self.saved: list[tuple[Tensor, Tensor]] = []
+        for p in params:
+            self.saved.append((p, p.detach().clone()))
+            for value in host.state[p].values():
+                if isinstance(value, Tensor) and id(value) not in ctx.gate_exempt:
+                    self.saved.append((value, value.clone()))
+
+    def close(self) -> None:
+        applies = self.applies
+        for tensor, old in self.saved:
+            tensor.copy_(torch.where(applies, tensor, old))
+        for state, keys in self.known:
+            for key, value in state.items():
+                if key not in keys and isinstance(value, Tensor):
+                    value.copy_(torch.where(applies, value, torch.zeros_like(value)))
 
 
 class _Undo:

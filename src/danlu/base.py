@@ -113,9 +113,9 @@ class DanluOptimizer(DerivationHost):
     ) -> list[Tensor]:
         return [self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(params, grads, states, lrs, steps)]
 
-    def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
-        """The learning rate of this step before any derivation's multiplier."""
-        return float(group["lr"])
+    def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: Any) -> Any:
+        """The learning rate of this step before any derivation's multiplier (traced: as the group holds it)."""
+        return group["lr"] if isinstance(step, Tensor) else float(group["lr"])
 
     def _param_salt(self, p: Tensor) -> int:
         """A number that identifies ``p``'s place in the optimizer, the same in every run (stochastic rounding)."""
@@ -158,6 +158,20 @@ class DanluOptimizer(DerivationHost):
     def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
         return _fused.defer_mean(self, ctx, group, p, buffer, steps)
 
+    def _init_missing_base_state(self, params: list[Tensor]) -> None:
+        chosen = {id(p) for p in params}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in chosen and "step" not in self.state[p]:
+                    self._init_param_state(p, group)
+
+    def _init_param_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        compute = compute_dtype(p, group.get("state_dtype"))
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        self._init_state(p if p.dtype == compute else p.detach().to(compute), state, group)
+        return state
+
     def _init_base_state(self) -> None:
         """Create the state that the first step creates, without a step (see ``DerivationHost.step``)."""
         for group in self.param_groups:
@@ -188,9 +202,15 @@ class DanluOptimizer(DerivationHost):
             names.append(name)
         if not params:
             return
-        steps = _fused.advance_steps(self, group, [s["step"] for s in states])
-        lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
-        rest = _fused.group_step(self, ctx, group, params, grads, states, names, lrs, steps)
+        steps: list[Any]  # floats, or 0-dim tensors in a traced step
+        lrs: list[Any]
+        if torch.compiler.is_compiling():
+            steps, lrs = _traced_steps_and_lrs(self, group, states, scale)
+            rest = list(range(len(params)))  # the native kernels stay out of a traced graph
+        else:
+            steps = _fused.advance_steps(self, group, [s["step"] for s in states])
+            lrs = [self._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
+            rest = _fused.group_step(self, ctx, group, params, grads, states, names, lrs, steps)
         if not rest:
             return
         if len(rest) < len(params):
@@ -210,8 +230,8 @@ class DanluOptimizer(DerivationHost):
         grads: list[Tensor],
         states: list[dict[str, Any]],
         names: list[str | None],
-        lrs: list[float],
-        steps: list[float],
+        lrs: list[Any],
+        steps: list[Any],
     ) -> None:
         c_params = [params[i] for i in chunk]
         c_grads = [grads[i] for i in chunk]
@@ -230,6 +250,23 @@ class DanluOptimizer(DerivationHost):
             add_rounded_(c_params, updates, [self._param_salt(p) for p in c_params], c_steps)
         else:
             _add_updates(c_params, updates)
+
+
+def _traced_steps_and_lrs(
+    opt: DanluOptimizer, group: dict[str, Any], states: list[dict[str, Any]], scale: Any
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Under tracing: advance the step counters and return them and the lrs as 0-dim float64 tensors.
+
+    No ``.item()``: the per-step coefficients (bias corrections, schedules) become tensor ops of the
+    step, and the lr (a Python float that dynamo turns into a graph input once it changes) is folded
+    into a tensor, so that nothing the graph depends on is a constant of it.
+    """
+    counters = [s["step"] for s in states]
+    torch._foreach_add_(counters, 1.0)
+    steps = [t.to(torch.float64) for t in counters]
+    one = torch.ones((), dtype=torch.float64)
+    lrs = [one * opt._effective_lr(group, s, t) * scale for s, t in zip(states, steps)]
+    return steps, lrs
 
 
 def _add_updates(params: list[Tensor], updates: list[Tensor]) -> None:

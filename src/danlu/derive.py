@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 import warnings
 import weakref
@@ -74,7 +75,7 @@ class ForeignHost(DerivationHost):
         swapped = _swap_gradients(ctx)
         try:
             for group, scale in zip(groups, ctx.lr_scales):
-                if scale != 1.0:
+                if isinstance(scale, Tensor) or scale != 1.0:
                     group["lr"] = group["lr"] * scale
             if self._has_transforms():
                 snapshots = [self._snapshot(group) for group in groups]
@@ -92,6 +93,21 @@ class ForeignHost(DerivationHost):
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
             self._transform_snapshot(ctx, group, snapshot, lr)
 
+    def _needs_eager_call(self) -> bool:
+        """Under tracing, a call with a parameter that has no base state yet takes an eager step.
+
+        Dynamo runs a ``torch.optim`` base's state initialization (``_init_group``) on the real
+        state, apart from the traced step's own changes to it (the derivations' entries), which then
+        overwrite what it created; so the step that creates a foreign base's state runs eagerly (one
+        graph break, on the first call).
+        """
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not set(self.state.get(p, {})) - keys:
+                    return True
+        return False
+
     def _init_base_state(self) -> None:
         self._step_foreign_base()  # lr 0 and zero gradients: what torch.distributed.checkpoint does for any optimizer
 
@@ -101,6 +117,12 @@ class ForeignHost(DerivationHost):
         Many optimizers initialize a parameter's state when ``len(state) == 0``; the derivations'
         namespaced entries are set aside for the call and put back after it.
         """
+        if torch.compiler.is_compiling():
+            # the base's state exists (see _needs_eager_call), so nothing is set aside; the base
+            # function runs without any of torch.optim's wrappers, whose deliberate graph breaks
+            # would cut the traced step in three
+            inspect.unwrap(_unhooked_base_step(type(self)))(self)
+            return
         with _derivation_state_hidden(self, self.state.values()):
             _unhooked_base_step(type(self))(self)
 
@@ -185,9 +207,12 @@ def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
     return swapped
 
 
-def _as_float(lr: Any) -> float:
+def _as_float(lr: Any) -> Any:
+    """The lr as a float (traced: a 0-dim float64 tensor, since a float would be a constant of the graph)."""
     if lr is None:
         return 0.0
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64) * lr
     return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
 
@@ -489,7 +514,7 @@ def extend_with_skip_nonfinite(BaseOptimizer: type, name: str | None = None) -> 
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> opt = Safe([w], lr=0.1)
         >>> w.grad = torch.tensor([1.0, float("nan")]); _ = opt.step()
-        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], opt.param_groups[0]["applied_steps"]
+        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], int(opt.param_groups[0]["applied_steps"])
         (tensor([1., 1.]), 1, 0)
     """
     return _extend(BaseOptimizer, SkipNonfinite(), name, _caller_module())

@@ -41,12 +41,35 @@ if TYPE_CHECKING:
     from danlu._context import StepContext
     from danlu._host import DerivationHost
 
-__all__ = ["Derivation", "matches_any", "by_device_and_dtype", "wide_dtype", "APPLIED_STEPS", "CALLS"]
+__all__ = [
+    "Derivation",
+    "matches_any",
+    "by_device_and_dtype",
+    "wide_dtype",
+    "as_counter",
+    "APPLIED_STEPS",
+    "CALLS",
+    "GROUP_COUNTERS",
+]
 
 APPLIED_STEPS = "applied_steps"
 """Param-group key: the number of steps applied so far (buffering calls excluded)."""
 CALLS = "calls"
 """Param-group key: the number of ``step()`` calls so far (buffering calls included)."""
+GROUP_COUNTERS = (APPLIED_STEPS, CALLS)
+"""The counters every derived optimizer keeps in each group, as 0-dim int64 CPU tensors.
+
+Tensors rather than ints so that a step traced by ``torch.compile`` reads them as graph inputs
+(an int would be a constant of the graph, which then recompiles at every step). Each count makes a
+new tensor, so a state dict taken earlier keeps its values.
+"""
+
+
+def as_counter(value: Any) -> Tensor:
+    """A group counter as a new 0-dim int64 CPU tensor (from an int, or from a saved tensor)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device="cpu", dtype=torch.int64, copy=True).reshape(())
+    return torch.tensor(int(value), dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -102,12 +102,12 @@ def apply_ema_weights(self: DerivationHost, bias_correction: bool = True) -> Non
     check_bool("bias_correction", bias_correction)
     if _BACKUP in self.__dict__:
         raise EMAWeightsError("apply_ema_weights(): the averaged weights are already applied; call reset_old_weights() first")
-    if all(group[APPLIED_STEPS] == 0 for group in self.param_groups):
+    if all(int(group[APPLIED_STEPS]) == 0 for group in self.param_groups):
         raise EMAWeightsError("apply_ema_weights() before any optimizer step: there are no averaged weights yet")
     backup: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
         for group in self.param_groups:
-            momentum, steps = group["ema_momentum"], group[APPLIED_STEPS]
+            momentum, steps = group["ema_momentum"], int(group[APPLIED_STEPS])
             scale = 1.0 - momentum**steps if bias_correction else 1.0
             for p in group["params"]:
                 shadow = self.state[p].get(SHADOW)

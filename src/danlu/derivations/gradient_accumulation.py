@@ -52,7 +52,7 @@ class GradientAccumulation(Derivation):
         >>> for _ in range(4):
         ...     w.grad = torch.ones(2); _ = opt.step()
         >>> opt.param_groups[0]["calls"], opt.param_groups[0]["applied_steps"], opt.state[w]["step"].item()
-        (4, 2, 2.0)
+        (tensor(4), tensor(2), 2.0)
     """
 
     name = "gradient_accumulation"
@@ -72,7 +72,10 @@ class GradientAccumulation(Derivation):
         steps = groups[0]["grad_accum_steps"]
         if steps == 1:
             return True
-        if (groups[0][CALLS] + 1) % steps != 0:
+        if torch.compiler.is_compiling():
+            self._traced_accumulate(host, ctx, steps)
+            return True
+        if (int(groups[0][CALLS]) + 1) % steps != 0:
             for p in _params_with_grad(host):
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p)).add_(p.grad)
             return False
@@ -97,6 +100,26 @@ class GradientAccumulation(Derivation):
         ctx.cleanup.append(lambda failed: _clear(buffers, failed))
         return True
 
+    def _traced_accumulate(self, host: DerivationHost, ctx: StepContext, steps: int) -> None:
+        """Every traced call buffers and proposes the mean; ``ctx.applies`` says whether it is a step.
+
+        The buffer is cleared after a call that applies; after one that does not, the host's gate
+        puts back everything else the call wrote.
+        """
+        ctx.applies = torch.remainder(host.param_groups[0][CALLS] + 1, steps) == 0
+        buffers: list[Tensor] = []
+        for p in [p for group in host.param_groups for p in group["params"]]:
+            if p.grad is None and BUFFER not in host.state[p]:
+                continue
+            buffer = self.zeros_state(host, p, BUFFER, _buffer_dtype(p))
+            if p.grad is not None:
+                buffer.add_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+            ctx.replace(p, buffer / steps)
+            ctx.gate_exempt.add(id(buffer))
+            buffers.append(buffer)
+        applies = ctx.applies
+        ctx.cleanup.append(lambda failed: _clear_where(buffers, applies))
+
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         if group["grad_accum_steps"] > 1:
             for p in params:
@@ -107,6 +130,11 @@ def _clear(buffers: list[Tensor], failed: bool) -> None:
     if not failed:
         for buffer in buffers:
             buffer.zero_()
+
+
+def _clear_where(buffers: list[Tensor], applies: Tensor) -> None:
+    for buffer in buffers:
+        buffer.copy_(torch.where(applies, torch.zeros_like(buffer), buffer))
 
 
 def _params_with_grad(host: DerivationHost) -> list[Tensor]:

@@ -86,7 +86,11 @@ def trust_ratios(params: list[Tensor], updates: list[Tensor], lrs: list[float]) 
     dtype = updates[0].real.dtype  # the norms of complex tensors are real
     param_norms = torch.stack(whole_norms(params, dtype))
     update_norms = torch.stack(whole_norms(updates))
-    scale = torch.tensor([max(lr, MIN_LR) for lr in lrs], dtype=update_norms.dtype, device=update_norms.device)
+    if any(isinstance(lr, Tensor) for lr in lrs):  # traced: the lrs are 0-dim tensors
+        lr_values = torch.stack([torch.as_tensor(lr).to(update_norms.dtype) for lr in lrs]).to(update_norms.device)
+        scale = torch.clamp(lr_values, min=MIN_LR)
+    else:
+        scale = torch.tensor([max(lr, MIN_LR) for lr in lrs], dtype=update_norms.dtype, device=update_norms.device)
     update_norms = update_norms / scale
     ratio = torch.where(
         (param_norms > 0) & (update_norms > 0), param_norms / update_norms, torch.ones_like(param_norms)

@@ -60,7 +60,7 @@ class Lookahead(Derivation):
         Col.SLOW_STEP,
         SLOW,
         weight=lambda group: group["slow_step_size"],
-        active=lambda group: (group[APPLIED_STEPS] + 1) % group["steps_per_slow_update"] == 0,
+        active=lambda group: (int(group[APPLIED_STEPS]) + 1) % group["steps_per_slow_update"] == 0,
     )
     """Fused: the sync of the steps that end a cycle, in the update's pass."""
 
@@ -75,7 +75,10 @@ class Lookahead(Derivation):
         return checked
 
     def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
-        first = group[APPLIED_STEPS] == 0  # slow weights made before the first step (init_state) are refreshed
+        if torch.compiler.is_compiling():
+            self._traced_prepare(host, group, params)
+            return
+        first = int(group[APPLIED_STEPS]) == 0  # slow weights made before the first step (init_state) are refreshed
         for p in params:
             state = host.state[p]
             if SLOW not in state:
@@ -83,13 +86,26 @@ class Lookahead(Derivation):
             elif first:
                 state[SLOW].copy_(p)
 
+    def _traced_prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        first = group[APPLIED_STEPS] == 0
+        for p in params:
+            state = host.state[p]
+            if SLOW not in state:
+                state[SLOW] = _slow_copy(group, p)
+            else:
+                state[SLOW].copy_(torch.where(first, p, state[SLOW]))
+
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in params:
             if SLOW not in host.state[p]:
                 host.state[p][SLOW] = _slow_copy(group, p)
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
-        if group[APPLIED_STEPS] % group["steps_per_slow_update"] != 0:
+        if torch.compiler.is_compiling():
+            self._traced_sync(host, group, params)
+            return
+        applied = int(group[APPLIED_STEPS])
+        if applied % group["steps_per_slow_update"] != 0:
             return
         for bucket in by_device_and_dtype(params):
             fast = [params[i] for i in bucket]
@@ -102,9 +118,22 @@ class Lookahead(Derivation):
             torch._foreach_lerp_(slow, [f.to(s.dtype) for s, f in zip(slow, fast)], group["slow_step_size"])
             if group.get("stochastic_rounding"):
                 salts = [getattr(host, "_param_salt", lambda q: 0)(f) for f in fast]
-                copy_rounded_(fast, slow, salts, group[APPLIED_STEPS])
+                copy_rounded_(fast, slow, salts, applied)
             else:
                 foreach_copy_(fast, slow)
+
+    @staticmethod
+    def _traced_sync(host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The sync as tensor ops: computed on every call, written where the applied count is a multiple of k."""
+        sync = torch.remainder(group[APPLIED_STEPS], group["steps_per_slow_update"]) == 0
+        alpha = group["slow_step_size"]
+        for p in params:
+            slow = host.state[p].get(SLOW)
+            if slow is None:
+                continue
+            synced = torch.lerp(slow, p.to(slow.dtype), alpha)
+            slow.copy_(torch.where(sync, synced, slow))
+            p.copy_(torch.where(sync, synced.to(p.dtype), p))
 
 
 def _slow_copy(group: dict[str, Any], p: Tensor) -> Tensor:

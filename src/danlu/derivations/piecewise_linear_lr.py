@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from danlu._native_spec import NoTensorWork
 from danlu._validate import check_schedule
@@ -47,5 +51,22 @@ class PiecewiseLinearLR(Derivation):
             return {}
         return {"lr_schedule": check_schedule("lr_schedule", options["lr_schedule"])}
 
-    def lr_multiplier(self, group: Mapping[str, Any]) -> float:
-        return piecewise_linear(group[APPLIED_STEPS], group["lr_schedule"])
+    def lr_multiplier(self, group: Mapping[str, Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return piecewise_linear_tensor(group[APPLIED_STEPS], group["lr_schedule"])
+        return piecewise_linear(int(group[APPLIED_STEPS]), group["lr_schedule"])
+
+
+def piecewise_linear_tensor(step: Tensor, schedule: Mapping[int, float]) -> Tensor:
+    """:func:`danlu.schedules.piecewise_linear` of a 0-dim tensor step, as tensor ops (float64).
+
+    The schedule's points are constants of the traced graph; the step is its input.
+    """
+    points = sorted((int(k), float(v)) for k, v in schedule.items())
+    if points[0][0] != 0:
+        points.insert(0, (0, 0.0))
+    t = step.to(torch.float64)
+    value = torch.full_like(t, points[-1][1])
+    for (begin, start), (end, stop) in reversed(list(itertools.pairwise(points))):
+        value = torch.where(t < end, start + (stop - start) / (end - begin) * (t - begin), value)
+    return value

@@ -138,7 +138,7 @@ class ScheduleFree(Derivation):
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         lr = host.__dict__.get(_STEP_LRS, {}).pop(id(group), 0.0)
         group[LR_MAX] = lr_max = max(lr, group[LR_MAX])
-        weight = group[APPLIED_STEPS] ** group["average_power"] * lr_max ** group["weight_lr_power"]
+        weight = int(group[APPLIED_STEPS]) ** group["average_power"] * lr_max ** group["weight_lr_power"]
         group[WEIGHT_SUM] = weight_sum = group[WEIGHT_SUM] + weight
         average_weight = weight / weight_sum if weight_sum > 0 else 0.0
         tracked = [p for p in params if Z in host.state.get(p, {})]

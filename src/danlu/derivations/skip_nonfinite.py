@@ -53,7 +53,7 @@ class SkipNonfinite(Derivation):
         >>> opt = danlu.extend_with_skip_nonfinite(danlu.SGD)([w], lr=0.5, max_consecutive_skips=3)
         >>> w.grad = torch.tensor([float("inf"), 1.0]); _ = opt.step()   # dropped
         >>> w.grad = torch.tensor([1.0, 1.0]); _ = opt.step()            # applied
-        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], opt.param_groups[0]["calls"]
+        >>> w.detach(), opt.param_groups[0]["nonfinite_skips"], int(opt.param_groups[0]["calls"])
         (tensor([0.5000, 0.5000]), 1, 1)
     """
 

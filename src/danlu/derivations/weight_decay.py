@@ -69,6 +69,9 @@ class WeightDecay(Derivation):
         lrs: list[float],
     ) -> None:
         rate = group["weight_decay_rate"]
+        if any(isinstance(lr, Tensor) for lr in lrs):  # traced: lr_t is a tensor, which alpha cannot take
+            torch._foreach_add_(updates, torch._foreach_mul(olds, [lr * -rate for lr in lrs]))
+            return
         if len(set(lrs)) == 1 and len({(t.device, t.dtype) for t in [*updates, *olds]}) == 1:
             torch._foreach_add_(updates, olds, alpha=-lrs[0] * rate)
             return

@@ -197,6 +197,11 @@ class Adafactor(DanluOptimizer):
         state["exp_avg_sq_col"] = zeros_reduced(p, col_shape, dtype)
 
     def _effective_lr(self, group: Mapping[str, Any], state: Mapping[str, Any], step: float) -> float:
+        if isinstance(step, Tensor):  # traced: tensor ops of the step, the lr as it is
+            if group["lr"] is not None:
+                return group["lr"]
+            relative: Any = torch.clamp(step.rsqrt(), max=1e-2)
+            return relative if group["multiply_by_parameter_scale"] else relative * 0.05
         if group["lr"] is not None:
             return float(group["lr"])
         relative = min(1.0 / math.sqrt(step), 1e-2)
@@ -222,12 +227,12 @@ class Adafactor(DanluOptimizer):
         beta2 = 1.0 - step**-0.8 if group["beta2"] is None else group["beta2"]
         g2 = g.square().add_(eps1)
         if "exp_avg_sq" in state:
-            v = state["exp_avg_sq"].mul_(beta2).add_(g2, alpha=1 - beta2)
+            v = _decay_add_(state["exp_avg_sq"], g2, beta2)
         else:
             largest, second = factored_axes(tuple(p.shape), group["min_dim_size_to_factor"])  # type: ignore[misc]
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2).add_(g2.mean(dim=largest, keepdim=True), alpha=1 - beta2)
-            col.mul_(beta2).add_(g2.mean(dim=second, keepdim=True), alpha=1 - beta2)
+            _decay_add_(row, g2.mean(dim=largest, keepdim=True), beta2)
+            _decay_add_(col, g2.mean(dim=second, keepdim=True), beta2)
             v = row * col / row.mean(dim=second, keepdim=True)
         update = g / v.add(eps1).sqrt_()
         if group["clipping_threshold"] is not None:
@@ -237,3 +242,10 @@ class Adafactor(DanluOptimizer):
         if self._parameter_scaled(group, p):
             update.mul_(_rms(p.to(dtype)).clamp_(min=group["eps2"]))
         return update.mul_(-lr)
+
+
+def _decay_add_(average: Tensor, value: Tensor, beta2: Any) -> Tensor:
+    """``average = beta2 * average + (1 - beta2) * value`` in place (``beta2`` a float or, traced, a 0-dim tensor)."""
+    if isinstance(beta2, Tensor):
+        return average.mul_(beta2).add_(value * (1 - beta2))
+    return average.mul_(beta2).add_(value, alpha=1 - beta2)

@@ -82,11 +82,13 @@ class Adam(DanluOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
         init_moments(p, state)
 
-    def _corrections(self, group: Mapping[str, Any], step: float) -> tuple[float, float]:
-        """Return (1 - beta1^t, sqrt(1 - beta2^t)), or (1, 1) without bias correction."""
+    def _corrections(self, group: Mapping[str, Any], step: Any) -> tuple[Any, Any]:
+        """Return (1 - beta1^t, sqrt(1 - beta2^t)), or (1, 1) without bias correction (tensors for a tensor step)."""
         if not group["bias_correction"]:
             return 1.0, 1.0
         beta1, beta2 = group["betas"]
+        if isinstance(step, Tensor):
+            return 1 - beta1**step, (1 - beta2**step).sqrt()
         return 1 - beta1**step, math.sqrt(1 - beta2**step)
 
     native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.ADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)

@@ -85,7 +85,7 @@ class LazyAdam(Adam):
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
-        if is_dtensor(grad):
+        if is_dtensor(grad) or (isinstance(step, Tensor) and not grad.is_sparse):  # traced: no data-dependent shapes
             return self._update_masked(group, grad, state, lr, step)
         if not all(t.is_contiguous() for t in (p, state["exp_avg"], state["exp_avg_sq"])):  # e.g. channels_last
             return self._update_masked(group, grad.to_dense() if grad.is_sparse else grad, state, lr, step)
@@ -106,7 +106,8 @@ class LazyAdam(Adam):
     def _update_masked(self, group: Mapping[str, Any], grad: Tensor, state: dict[str, Any], lr: float, step: float) -> Tensor:
         """The same update with a row mask instead of row indices.
 
-        For FSDP2's DTensors (no ``nonzero``) and for tensors whose rows are not a view (``channels_last``).
+        For FSDP2's DTensors (no ``nonzero``), for tensors whose rows are not a view (``channels_last``)
+        and for traced steps (no data-dependent shapes).
         """
         beta1, beta2 = group["betas"]
         present = grad.ne(0) if grad.dim() == 0 else settle(grad.ne(0).any(dim=-1, keepdim=True))

@@ -107,14 +107,14 @@ class NAdam(DanluOptimizer):
         state["mu_product"] = torch.ones((), dtype=torch.float64)
         init_moments(p, state)
 
-    def _coefficients(self, group: Mapping[str, Any], state: dict[str, Any], lr: float, step: float) -> tuple[float, float, float]:
-        """Advance mu_product; return (grad coefficient, momentum coefficient, sqrt(1 - beta2^t))."""
+    def _coefficients(self, group: Mapping[str, Any], state: dict[str, Any], lr: Any, step: Any) -> tuple[Any, Any, Any]:
+        """Advance mu_product; return (grad coefficient, momentum coefficient, sqrt(1 - beta2^t)) (tensors for a tensor step)."""
         beta1, beta2 = group["betas"]
         psi = group["momentum_decay"]
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
         state["mu_product"].mul_(mu)
-        mu_product = float(state["mu_product"])
+        mu_product = state["mu_product"] if isinstance(step, Tensor) else float(state["mu_product"])
         grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
         momentum_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
         return grad_coef, momentum_coef, (1 - beta2**step) ** 0.5
@@ -149,5 +149,9 @@ class NAdam(DanluOptimizer):
         torch._foreach_add_(denom, group["eps"])
         updates = torch._foreach_div(grads, denom)
         torch._foreach_mul_(updates, [c[0] for c in coefficients])
-        torch._foreach_addcdiv_(updates, exp_avgs, denom, [c[1] for c in coefficients])
+        momentum_coefs = [c[1] for c in coefficients]
+        if isinstance(momentum_coefs[0], Tensor):  # traced: addcdiv takes no tensor scalars
+            torch._foreach_add_(updates, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), momentum_coefs))
+        else:
+            torch._foreach_addcdiv_(updates, exp_avgs, denom, momentum_coefs)
         return updates

@@ -94,6 +94,17 @@ class RAdam(DanluOptimizer):
         rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         return rect * math.sqrt(correction2)
 
+    @staticmethod
+    def _traced_rectification(group: Mapping[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
+        """For a tensor step: (whether rho_t > 5, sqrt(1 - beta2^t) * r_t where it is, else 0)."""
+        beta2 = group["betas"][1]
+        correction2 = 1 - beta2**step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / correction2
+        rectified = rho_t > 5.0
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        return rectified, torch.where(rectified, ratio.clamp(min=0).sqrt() * correction2.sqrt(), 0.0)
+
     native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.RADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)
     """The native kernel (see ``danlu._native_spec``)."""
 
@@ -103,6 +114,10 @@ class RAdam(DanluOptimizer):
         beta1 = group["betas"][0]
         exp_avg, exp_avg_sq = update_moments(state, grad, group["betas"])
         scale = -lr / (1 - beta1**step)
+        if isinstance(step, Tensor):
+            rectified, traced_adaptive = self._traced_rectification(group, step)
+            rectified_update = exp_avg.div(exp_avg_sq.sqrt().add_(group["eps"])).mul_(scale * traced_adaptive)
+            return torch.where(rectified, rectified_update, exp_avg.mul(scale))
         adaptive = self._rectification(group, step)
         if adaptive is None:
             return exp_avg.mul(scale)
@@ -118,6 +133,8 @@ class RAdam(DanluOptimizer):
         lrs: list[float],
         steps: list[float],
     ) -> list[Tensor]:
+        if isinstance(steps[0], Tensor):  # traced: branch-free per tensor
+            return [self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(params, grads, states, lrs, steps)]
         beta1 = group["betas"][0]
         exp_avgs, exp_avg_sqs = update_moments_foreach(states, grads, group["betas"])
         scales = [-lr / (1 - beta1**t) for lr, t in zip(lrs, steps)]

@@ -96,7 +96,9 @@ class SGD(DanluOptimizer):
         direction = grad
         if momentum != 0:
             buf = state["momentum_buffer"]
-            if step == 1:
+            if isinstance(step, Tensor):  # traced: the first step's copy as a select
+                buf.copy_(torch.where(step == 1, grad, buf * momentum + grad * (1 - group["dampening"])))
+            elif step == 1:
                 buf.copy_(grad)
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
@@ -116,6 +118,8 @@ class SGD(DanluOptimizer):
         directions = grads
         if momentum != 0:
             bufs = [s["momentum_buffer"] for s in states]
+            if isinstance(steps[0], Tensor):  # traced: the first step's copy as a select
+                return [self._update_single(group, p, g, s, lr, t) for p, g, s, lr, t in zip(params, grads, states, lrs, steps)]
             first = [i for i, t in enumerate(steps) if t == 1]
             later = [i for i, t in enumerate(steps) if t != 1]
             if first:
