@@ -274,7 +274,7 @@ class Muon(DanluOptimizer):
     def _adam_update(self, group: Mapping[str, Any], state: dict[str, Any], grad: Tensor, lr: float, step: float) -> Tensor:
         beta1, beta2 = group["adam_betas"]
         exp_avg, exp_avg_sq = update_moments(state, grad, (beta1, beta2))
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["adam_eps"])
+        denom = exp_avg_sq.sqrt().div_(_sqrt_correction(beta2, step)).add_(group["adam_eps"])
         return _divide_into(exp_avg, denom).mul_(-lr / (1 - beta1**step))
 
     def _adam_foreach(
@@ -283,7 +283,7 @@ class Muon(DanluOptimizer):
         beta1, beta2 = group["adam_betas"]
         exp_avgs, exp_avg_sqs = update_moments_foreach(states, grads, (beta1, beta2))
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+        torch._foreach_div_(denom, [_sqrt_correction(beta2, t) for t in steps])
         torch._foreach_add_(denom, group["adam_eps"])
         updates = [_divide_into(m, d) for m, d in zip(exp_avgs, denom)]
         torch._foreach_mul_(updates, [-lr / (1 - beta1**t) for lr, t in zip(lrs, steps)])
@@ -381,6 +381,11 @@ def batched_newton_schulz(group: Mapping[str, Any], matrices: list[Tensor]) -> l
         for row, i in enumerate(members):
             results[i] = ortho[row].mT if matrices[i].size(0) > matrices[i].size(1) else ortho[row]
     return [o for o in results if o is not None]
+
+
+def _sqrt_correction(beta2: float, step: Any) -> Any:
+    """``sqrt(1 - beta2**step)``: a tensor for a tensor step (a traced step), else a float."""
+    return (1 - beta2**step).sqrt() if isinstance(step, Tensor) else math.sqrt(1 - beta2**step)
 
 
 def _group_pass_pays(group: Mapping[str, Any]) -> bool:
