@@ -158,13 +158,7 @@ class ScheduleFree(Derivation):
         host.__dict__.pop(_STEP_LRS, None)
         if failed:  # the parameters may hold z: put y back
             for group in host.param_groups:
-                tracked = [p for p in group["params"] if Z in host.state.get(p, {})]
-                _put_y(
-                    tracked,
-                    [host.state[p][X] for p in tracked],
-                    [host.state[p][Z] for p in tracked],
-                    group["schedule_free_momentum"],
-                )
+                _restore_y(host, group)
 
 
 def _ensure_state(host: DerivationHost, group: Mapping[str, Any], p: Tensor) -> None:
@@ -188,6 +182,12 @@ def _copy(dst: list[Tensor], src: list[Tensor]) -> None:
         dst[i].copy_(src[i])
 
 
+def _restore_y(host: DerivationHost, group: Mapping[str, Any]) -> None:
+    """Put y, from the group's saved x and z, into every tracked parameter of ``group``."""
+    tracked = [p for p in group["params"] if Z in host.state.get(p, {})]
+    _put_y(tracked, [host.state[p][X] for p in tracked], [host.state[p][Z] for p in tracked], group["schedule_free_momentum"])
+
+
 def _put_y(params: list[Tensor], xs: list[Tensor], zs: list[Tensor], momentum: float) -> None:
     """``p = lerp(x, z, 1 - momentum)``, computed in the state's dtype and rounded once into the parameter."""
     same = [i for i, (p, x) in enumerate(zip(params, xs)) if p.dtype == x.dtype]
@@ -205,13 +205,7 @@ def train(self: DerivationHost) -> None:
     with torch.no_grad():
         for group in self.param_groups:
             if group[EVAL]:
-                tracked = [p for p in group["params"] if Z in self.state.get(p, {})]
-                _put_y(
-                    tracked,
-                    [self.state[p][X] for p in tracked],
-                    [self.state[p][Z] for p in tracked],
-                    group["schedule_free_momentum"],
-                )
+                _restore_y(self, group)
             group[EVAL] = False
 
 
