@@ -130,6 +130,26 @@ def load_encoder(path: Path) -> tuple[Any, nn.Module]:
     return tokenizer, encoder
 
 
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that train (frozen layers left out)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns that no example of the batch uses (at least one column stays)."""
+    width = max(1, int(mask.sum(1).max()))
+    return ids[:, :width], mask[:, :width]
+
+
+def trimmed_batches(
+    split: tuple[torch.Tensor, ...], batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Seeded batches of ``(ids, mask, labels)``, each trimmed of its unused padding."""
+    ids, mask, labels = split
+    for index in epoch_batches(len(labels), batch_size, seed):
+        yield (*trim_padding(ids[index], mask[index]), labels[index])
+
+
 class SentimentClassifier(nn.Module):
     """Pretrained encoder, mean pooling over tokens, linear classifier."""
 
@@ -228,18 +248,12 @@ class SentimentEnTask(Task):
         return model
 
     def optimizer_parameters(self, model: nn.Module) -> Any:
-        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        return trainable_parameters(model)
 
     def batches(self, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        ids, mask, labels = self.splits["train"]
-        for index in epoch_batches(len(labels), self.batch_size, seed):
-            yield (*self._trim(ids[index], mask[index]), labels[index])
+        return trimmed_batches(self.splits["train"], self.batch_size, seed)
 
-    @staticmethod
-    def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drop the padding columns that no example of the batch uses."""
-        width = int(mask.sum(1).max())
-        return ids[:, :width], mask[:, :width]
+    _trim = staticmethod(trim_padding)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch

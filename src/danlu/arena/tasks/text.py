@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from danlu.arena._checks import check_optional_positive_int, check_positive_int
-from danlu.arena.tasks.base import Baseline, Evaluation, Task, TaskDefaults, TaskInfo, epoch_batches, majority_baseline
+from danlu.arena.tasks.base import Baseline, Evaluation, Task, TaskDefaults, TaskInfo, majority_baseline
 from danlu.arena.tasks.files import (
     check_column_name,
     check_file,
@@ -30,7 +30,7 @@ from danlu.arena.tasks.files import (
     require_column,
     stratified_split,
 )
-from danlu.arena.tasks.sentiment_en import _layer_index
+from danlu.arena.tasks.sentiment_en import _layer_index, trainable_parameters, trim_padding, trimmed_batches
 
 
 def check_model_dir(path: Any) -> Path:
@@ -167,17 +167,13 @@ class TextTask(Task):
             parameter.requires_grad_(layer is not None and layer >= first)
 
     def optimizer_parameters(self, model: nn.Module) -> Any:
-        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        return trainable_parameters(model)
 
     def batches(self, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        ids, mask, labels = self.splits["train"]
-        for index in epoch_batches(len(labels), self.batch_size, seed):
-            yield (*self._trim(ids[index], mask[index]), labels[index])
+        return trimmed_batches(self.splits["train"], self.batch_size, seed)
 
-    @staticmethod
-    def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, int(mask.sum(1).max()))
-        return ids[:, :width], mask[:, :width]
+    _trim = staticmethod(trim_padding)
+
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch
