@@ -20,6 +20,7 @@ COMPOSITIONS = [[case.id] for case in DERIVATION_CASES] + [
     ["ema", "lookahead", "weight_decay", "gradient_accumulation"],
     ["gradient_accumulation", "clip", "weight_decay"],
     ["clip", "gradient_accumulation", "lookahead"],
+    ["weight_decay", "gradient_accumulation", "schedule_free", "ema"],
 ]
 TRANSFORMS = [[case.id] for case in DERIVATION_CASES if case.transforms_update] + [["weight_decay", "layer_adaptation"]]
 

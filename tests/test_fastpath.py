@@ -73,6 +73,23 @@ STACKS = [
         ],
         dict(grad_accum_steps=2, steps_per_slow_update=2, lr_schedule={0: 0.5, 4: 1.0}),
     ),
+    ("schedule_free", [D.extend_with_schedule_free], dict(schedule_free_momentum=0.8, average_power=0.5)),
+    (
+        "lookahead_in_sf_ema",  # Lookahead fused on z inside, the EMA in Python on y outside
+        [D.extend_with_lookahead, D.extend_with_schedule_free, D.extend_with_exponential_moving_average],
+        dict(steps_per_slow_update=2, ema_momentum=0.7, schedule_free_momentum=0.8),
+    ),
+    ("ema_in_sf", [D.extend_with_exponential_moving_average, D.extend_with_schedule_free], dict(ema_momentum=0.7)),
+    (
+        "wd_accum_sf_piecewise",
+        [
+            D.extend_with_weight_decay,
+            D.extend_with_gradient_accumulation,
+            D.extend_with_schedule_free,
+            D.extend_with_piecewise_linear_lr,
+        ],
+        dict(weight_decay_rate=0.1, grad_accum_steps=2, lr_schedule={0: 0.5, 4: 1.0}),
+    ),
 ]
 
 SHAPES = [
@@ -277,7 +294,20 @@ TORCH_FUSED_STACKS = [
     s
     for s in STACKS
     if s[0]
-    in ("plain", "wd", "lookahead", "ema_then_lookahead", "accum", "accum_wd_piecewise", "paramwise_wd", "lazy", "everything")
+    in (
+        "plain",
+        "wd",
+        "lookahead",
+        "ema_then_lookahead",
+        "accum",
+        "accum_wd_piecewise",
+        "paramwise_wd",
+        "lazy",
+        "everything",
+        "schedule_free",
+        "lookahead_in_sf_ema",
+        "wd_accum_sf_piecewise",
+    )
 ]
 
 

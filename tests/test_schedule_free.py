@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import danlu
-from cases import gradients, named_params
+from cases import DERIVATIONS, derive, gradients, named_params
+from danlu import _fused, _native
+from reference import AdamMath, simulate
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -201,6 +203,53 @@ def test_ema_averages_y_outside_and_z_inside(spec: str) -> None:
             shadow.lerp_(p.detach() if spec.endswith("ema") else opt.state[p]["schedule_free.z"], 0.5)
     assert all(torch.equal(opt.state[p]["ema.shadow"], e) for (_, p), e in zip(params, expected))
     assert not all(torch.equal(p.detach(), opt.state[p]["schedule_free.z"]) for _, p in params)
+
+
+@pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+def test_native_kernels_step_z_and_an_ema_outside_averages_y() -> None:
+    """Every applied step runs the base on the native kernels; the EMA over Schedule-Free runs after it, on y.
+
+    Against the float64 oracle (``tests/reference.py``): decay and the accumulated mean inside act on z,
+    the EMA outside averages the y that the parameters hold (fused into the pass it would average z).
+    """
+    names = ["weight_decay", "gradient_accumulation", "schedule_free", "ema"]
+    cls, kwargs = derive(danlu.Adam, names)
+    params = named_params()
+    initial = {n: p.detach().clone() for n, p in params}
+    sequence = gradients(params, 9)
+    opt = cls(params, lr=0.02, eps=1e-8, **kwargs)
+    assert _fused.spec_for(opt) is not None
+    before = _fused.STATS["native_tensors"]
+    got = []
+    for step in sequence:
+        for (_, p), g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+        got.append({n: p.detach().clone() for n, p in params})
+    steps = len(sequence) // DERIVATIONS["gradient_accumulation"].kwargs["grad_accum_steps"]
+    assert _fused.STATS["native_tensors"] - before == steps * len(params)
+    by_name = [{n: g for (n, _), g in zip(params, step)} for step in sequence]
+    want, ema, applied = simulate(AdamMath(0.02), [(n, dict(DERIVATIONS[n].kwargs)) for n in names], initial, by_name)
+    assert applied == steps and ema is not None
+    for call, (g_step, w_step) in enumerate(zip(got, want)):
+        for n in w_step:
+            torch.testing.assert_close(g_step[n], w_step[n], rtol=1e-10, atol=1e-10, msg=lambda m: f"call {call + 1}, {n}: {m}")
+    for n, p in params:
+        torch.testing.assert_close(opt.state[p]["ema.shadow"], ema[n], rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(opt.state[p]["schedule_free.z"], p.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+@pytest.mark.parametrize("spec", ["adam+schedule_free+ema", "adam+ema+schedule_free", "adam+lookahead+schedule_free+ema"])
+def test_every_tensor_takes_the_native_pass(spec: str) -> None:
+    params = named_params(torch.float32)
+    opt = danlu.create_optimizer(params, spec, lr=0.01, **(dict(steps_per_slow_update=2) if "lookahead" in spec else {}))
+    before = _fused.STATS["native_tensors"]
+    for step in gradients(params, 4):
+        for (_, p), g in zip(params, step):
+            p.grad = g
+        opt.step()
+    assert _fused.STATS["native_tensors"] - before == 4 * len(params)
 
 
 # ------------------------------------------------------------------ resume

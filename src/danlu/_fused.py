@@ -11,9 +11,10 @@ the pure-PyTorch path. The driver knows no optimizer or derivation: it reads the
 * each derivation's ``native``: a :class:`~danlu._native_spec.Fold` into ``d = A u + B p``, the
   :class:`~danlu._native_spec.TrustRatio` (two passes), an :class:`~danlu._native_spec.AfterStep`
   (Lookahead's sync, EMA), the :class:`~danlu._native_spec.AccumulationMean`,
-  :class:`~danlu._native_spec.NoTensorWork`, or :class:`~danlu._native_spec.Blocks` (its selected
-  tensors take the generic path). A derivation with a transform and no declaration keeps the whole
-  stack on the generic path.
+  :class:`~danlu._native_spec.NoTensorWork`, :class:`~danlu._native_spec.Blocks` (its selected
+  tensors take the generic path) or :class:`~danlu._native_spec.Surrounds` (its hooks run around the
+  pass, and the after-steps declared outside it run in Python after its own). A derivation with a
+  transform and no declaration keeps the whole stack on the generic path.
 
 A tensor is taken when the native library loads (:mod:`danlu._native`), the group's ``foreach`` is
 ``None`` and it has no stochastic rounding, and the parameter, its gradient and its state are plain,
@@ -52,6 +53,7 @@ from danlu._native_spec import (
     NoTensorWork,
     Phase,
     Slot,
+    Surrounds,
     TrustRatio,
 )
 
@@ -103,15 +105,19 @@ def _read_stack(cls: type) -> _Stack:
     after: list[tuple[int, Any, AfterStep]] = []
     blocks: list[Any] = []
     fusable = True
+    surrounded = False  # a Surrounds declared inside: the after-steps from here on see what it leaves
     for index, d in enumerate(getattr(cls, "_danlu_derivations", ())):
         fusion = getattr(d, "native", None)
         if isinstance(fusion, (Fold, TrustRatio)):
             transforms.append((d, fusion))
             fusable = fusable and isinstance(fusion, Fold)
         elif isinstance(fusion, AfterStep):
-            after.append((index, d, fusion))
+            if not surrounded:
+                after.append((index, d, fusion))
         elif isinstance(fusion, Blocks):
             blocks.append(d)
+        elif isinstance(fusion, Surrounds):
+            surrounded = True
         elif not isinstance(fusion, (AccumulationMean, NoTensorWork)) and d.has_transform:
             spec, fusable = None, False  # a transform the kernels do not know
     modes = [f.mode for _, _, f in after]

@@ -34,6 +34,7 @@ __all__ = [
     "AccumulationMean",
     "NoTensorWork",
     "Blocks",
+    "Surrounds",
     "Fusion",
 ]
 
@@ -195,3 +196,14 @@ class NoTensorWork(Fusion):
 @dataclass(frozen=True)
 class Blocks(Fusion):
     """The tensors this derivation ``selects`` take the generic path."""
+
+
+@dataclass(frozen=True)
+class Surrounds(Fusion):
+    """Runs around the native pass, never in it: its ``prepare`` before and its ``after_step`` after, in stack order.
+
+    For a derivation that changes what the parameters hold while the base steps (Schedule-Free puts z
+    in, then y back). An :class:`AfterStep` declared inside it (earlier in the stack) still fuses into
+    the pass and sees what the base stepped; one declared outside it (later) does not fuse: its
+    ``after_step`` runs after this one's, on what this one leaves in the parameters.
+    """

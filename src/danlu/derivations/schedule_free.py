@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from danlu._distributed import foreach_copy_
-from danlu._native_spec import Blocks
+from danlu._native_spec import Surrounds
 from danlu._validate import check_number
 from danlu.derivations._base import APPLIED_STEPS, Derivation, by_device_and_dtype, wide_dtype
 from danlu.derivations.lookahead import Lookahead
@@ -90,12 +90,9 @@ class ScheduleFree(Derivation):
     state_keys = (Z, X)
     required_state = (Z, X)
     counters = (EVAL, LR_MAX, WEIGHT_SUM)
-    native = Blocks()
-    """The base steps z and the parameters then take y: a Lookahead or EMA fused into the kernel's pass
-    would see z, so Schedule-Free stacks keep the generic path (their own passes run in stack order)."""
-
-    def selects(self, group: Mapping[str, Any], name: str | None) -> bool:
-        return True
+    native = Surrounds()
+    """The base's step runs on the native kernels; z goes in before the pass and y comes out after it. A
+    Lookahead or EMA inside fuses into the pass (it acts on z); an EMA outside runs after, on y."""
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         checked: dict[str, Any] = {}
