@@ -15,7 +15,7 @@ from torch import Tensor
 
 import danlu
 from danlu import _fused, _native, _native_spec
-from danlu._native_spec import Col, Fold, Kernel, Mode, NativeSpec, Phase, Slot
+from danlu._native_spec import Col, Fold, Kernel, Mode, NativeSpec, Phase, Slot, Surrounds
 from danlu.derivations import Derivation
 
 SRC = Path(danlu.__file__).parent
@@ -119,6 +119,19 @@ class Undeclared(HalfUpdate):
     native = None
 
 
+class Shifted(Derivation):
+    """A newcomer whose hooks surround the pass: the base steps p - 1, the parameters then hold the result + 1."""
+
+    name, title = "shifted", "Shifted"
+    native = Surrounds()
+
+    def prepare(self, host: Any, group: dict[str, Any], params: list[Tensor]) -> None:
+        torch._foreach_sub_(params, 1.0)
+
+    def after_step(self, host: Any, group: dict[str, Any], params: list[Tensor]) -> None:
+        torch._foreach_add_(params, 1.0)
+
+
 class ScaleGradients(Derivation):
     """A gradient hook: scales every gradient (floats for some tensors, 0-d tensors for others)."""
 
@@ -162,6 +175,31 @@ def test_a_declared_newcomer_optimizer_runs_natively():
 @needs_native
 def test_a_declared_newcomer_derivation_is_folded():
     assert _run(danlu.derive.extend_with(danlu.Adam, HalfUpdate()), lr=0.01) > 0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_after_steps_inside_a_surrounding_derivation_fuse_and_those_outside_see_what_it_leaves(dtype):
+    """Lookahead inside fuses into the pass (on the shifted parameters); the EMA outside runs after the shift back."""
+    inner = danlu.derive.extend_with(danlu.extend_with_lookahead(danlu.Adam), Shifted())
+    cls = danlu.extend_with_exponential_moving_average(inner)
+    stack = _fused._stack(cls([torch.nn.Parameter(torch.zeros(1))]))
+    assert [fusion.mode for _, _, fusion in stack.after] == [Mode.SYNC]
+    fast, ref, a, b = _pair(cls, dtype, lr=0.01, steps_per_slow_update=2, ema_momentum=0.6)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-7)
+    before = _fused.STATS["native_tensors"]
+    for call in range(5):
+        gen = torch.Generator().manual_seed(10 + call)
+        for p, q in zip(fast, ref):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad, q.grad = g, g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(fast, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), **tolerance)
+            for key in ("lookahead.slow", "ema.shadow"):
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], **tolerance)
+    assert _fused.STATS["native_tensors"] - before == 5 * len(fast)
 
 
 def test_an_undeclared_transform_keeps_the_generic_path():
