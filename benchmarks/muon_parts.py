@@ -1,11 +1,13 @@
 """Where Muon's step time goes on the bert set: its Adam part and its Newton-Schulz part, each against torch's.
 
-``python benchmarks/muon_parts.py [--rounds 9] [--parts adam,muon,ns]`` (1 thread). Each part is
+``python benchmarks/muon_parts.py [--rounds 9] [--parts step,adam,muon,ns]`` (1 thread). Each part is
 stepped alone, danlu's and torch's interleaved round by round on the same tensors; the figures are
 medians of the per-round ratios, by wall clock and by the thread's CPU time (which a shared machine
 disturbs less: another process's work does not count, only what it does to the caches and the
 memory bus).
 
+* ``step``: the whole step, ``danlu.Muon`` against ``torch.optim.Muon`` + ``torch.optim.Adam(foreach=True)``
+  (the bench's pair);
 * ``adam``: ``danlu.Muon`` over the embeddings and the vectors (all Adam part) against
   ``torch.optim.Adam(foreach=True)`` with the same betas and eps;
 * ``muon``: ``danlu.Muon`` over the 24 hidden matrices against ``torch.optim.Muon``;
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 import danlu
-from danlu.bench import LR, _muon_split, parameter_set
+from danlu.bench import LR, _muon_split, _TorchMuonWithAdam, parameter_set
 from danlu.optimizers.muon import newton_schulz
 
 COEFFICIENTS = (3.4445, -4.775, 2.0315)
@@ -70,7 +72,7 @@ def _torch_newton_schulz() -> Callable[..., torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--parts", default="adam,muon,ns")
+    parser.add_argument("--parts", default="step,adam,muon,ns")
     args = parser.parse_args()
     torch.set_num_threads(1)
     named = parameter_set("bert")
@@ -79,6 +81,14 @@ def main() -> None:
     adam_named = [(n, p) for n, p in named if id(p) not in ids]
     matrix_named = [(n, p) for n, p in named if id(p) in ids]
     parts = args.parts.split(",")
+    if "step" in parts:
+        whole = danlu.Muon(named, lr=LR, exclude_from_muon=["embeddings"])
+        pair = _TorchMuonWithAdam(named)
+        _compare(
+            f"The whole step ({len(named)} tensors)",
+            {"danlu.Muon": whole.step, "torch.Muon+Adam": pair.step},
+            max(3, args.rounds // 2),
+        )
     if "adam" in parts:
         ours = danlu.Muon(adam_named, lr=LR, exclude_from_muon=["embeddings"])
         theirs = torch.optim.Adam(rest, lr=LR, betas=(0.9, 0.95), eps=1e-8, foreach=True)
