@@ -266,7 +266,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
         error_inputs=(_e(ValueError, "betas[1]", betas=(0.9, 1.2)), _e(ValueError, "betas", betas=(1.0, 0.99))),
     ),
     OptimizerCase(
-        "muon", D.Muon, dict(lr=0.02, ns_dtype=torch.float64), spec="muon", supports_complex=False, native=False,
+        "muon", D.Muon, dict(lr=0.02, ns_dtype=torch.float64), spec="muon", supports_complex=False,
         error_inputs=(
             _e(ValueError, "momentum", momentum=1.0),
             _e(ValueError, "momentum", momentum=-0.1),

@@ -39,6 +39,17 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert "| danlu.AdamW |" in (tmp_path / "results-t.md").read_text()
 
 
+def test_muon_rows_are_paired_with_torch_muon_per_round(tmp_path):
+    argv = ["--sets", "bert", "--scale", "0.005", "--rounds", "3", "--warmup", "1", "--only", "muon", "--no-peers"]
+    assert bench.main([*argv, "--no-memory", "--out", str(tmp_path), "--tag", "m"]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results-m.json").read_text())["sets"][0]["results"]}
+    ours, theirs = rows["danlu.Muon"], rows["torch.Muon+Adam"]
+    assert ours["paired_with"] == "torch.Muon+Adam" and theirs["paired_with"] is None
+    assert ours["paired_ratios"] == [a / b for a, b in zip(ours["times_s"], theirs["times_s"])]
+    assert len(rows["danlu.Muon[single]"]["paired_ratios"]) == 3
+    assert "- danlu.Muon / torch.Muon+Adam, paired per round: median " in (tmp_path / "results-m.md").read_text()
+
+
 def test_unknown_set_is_an_error(tmp_path):
     assert bench.main(["--sets", "nope", "--only", "danlu.sgd", "--no-peers", "--no-torch", "--out", str(tmp_path)]) == 2
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import danlu
+from danlu import _fused, _native
+from danlu.optimizers import muon
 from danlu.optimizers.muon import newton_schulz
 
 COEFFICIENTS = (3.4445, -4.775, 2.0315)
@@ -272,11 +274,39 @@ def test_sparse_gradient_is_refused_by_name() -> None:
 
 
 # ------------------------------------------------------------------ state, fast path, precision
-def test_native_fast_path_never_takes_muon() -> None:
-    from danlu import _fused
+@pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+def test_native_kernels_take_the_adam_part_and_only_it() -> None:
+    named = hybrid_model()
+    grads = grad_sequence(named, 3)
+    opt = danlu.Muon(named, lr=0.01, exclude_from_muon=["emb", r"^head\."], ns_dtype=torch.float64)
+    seen: list[int] = []
+    original = muon.newton_schulz
 
-    assert _fused.spec_for(danlu.Muon([torch.nn.Parameter(torch.ones(2, 2))])) is None
-    assert _fused.spec_for(danlu.extend_with_weight_decay(danlu.Muon)([torch.nn.Parameter(torch.ones(2, 2))])) is None
+    def counting(update: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(update.numel())
+        return original(update, *args)
+
+    before = _fused.STATS["native_tensors"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(muon, "newton_schulz", counting)
+        run(opt, named, grads)
+    assert _fused.STATS["native_tensors"] - before == 5 * 3  # emb, hidden.bias, norm, scale, head: every step
+    assert seen == [16] * 3  # hidden.weight alone takes Newton-Schulz
+
+
+def test_without_the_native_library_the_adam_part_takes_the_generic_path() -> None:
+    named, reference = hybrid_model(), hybrid_model()
+    grads = grad_sequence(named, 4)
+    kwargs: dict[str, Any] = dict(lr=0.01, exclude_from_muon=["emb"], ns_dtype=torch.float64)
+    before = dict(_fused.STATS)
+    _native.disable()
+    try:
+        run(danlu.Muon(named, **kwargs), named, grads)
+    finally:
+        _native.enable()
+    assert dict(_fused.STATS) == before  # neither the native kernels nor torch's fused Adam (its options are not Adam's)
+    run(danlu.Muon(reference, foreach=False, **kwargs), reference, grads)
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(named, reference))
 
 
 def test_state_dict_round_trip_keeps_the_roles_of_named_matrices() -> None:
@@ -380,6 +410,24 @@ def test_accumulation_steps_muon_with_the_mean_gradient() -> None:
     means = [[sum(step[i] for step in grads[k : k + 3]) / 3 for i in range(len(grads[0]))] for k in (0, 3)]
     plain = hybrid_model()
     want = trajectory(danlu.Muon(plain, lr=0.02, **EXACT), plain, means)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("batch_on_cpu", [False, True])
+def test_accumulated_mean_reaches_newton_schulz_when_batched(batch_on_cpu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-group pass reads the matrices' gradients itself: their mean is formed before it, never left to a kernel."""
+    monkeypatch.setattr(muon, "BATCH_ON_CPU", batch_on_cpu)
+    grads = grad_sequence(hybrid_model(), 4)
+    accumulated = hybrid_model()
+    got = trajectory(
+        danlu.create_optimizer(accumulated, "muon+gradient_accumulation", lr=0.02, grad_accum_steps=2, **EXACT),
+        accumulated,
+        grads,
+    )
+    means = [[(a + b) / 2 for a, b in zip(grads[k], grads[k + 1])] for k in (0, 2)]
+    plain = hybrid_model()
+    want = trajectory(danlu.Muon(plain, lr=0.02, foreach=False, **EXACT), plain, means)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 

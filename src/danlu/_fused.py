@@ -613,7 +613,7 @@ def _fold(stack: _Stack, group: dict[str, Any], name: str | None) -> tuple[float
 def _torch_fused_allowed(opt: Any, group: dict[str, Any]) -> bool:
     """torch's fused Adam kernels take Adam stacks whose transforms are at most decoupled weight decay."""
     spec = spec_for(opt)
-    if spec is None or spec.kernel != Kernel.ADAM or group.get("foreach") is not None or group.get("stochastic_rounding"):
+    if spec is None or not spec.torch_fused or group.get("foreach") is not None or group.get("stochastic_rounding"):
         return False
     return _stack(opt).torch_fusable and not _is_compiling() and hasattr(torch, "_fused_adamw_")
 

@@ -124,7 +124,8 @@ class NativeSpec:
 
     Attributes:
         kernel: the kernel.
-        state_keys: ``group -> keys`` of the state tensors in slots STATE0, STATE1, STATE2 (None: unused).
+        state_keys: ``group -> keys`` of the state tensors in slots STATE0, STATE1, STATE2 (None: unused). A
+            tensor whose state lacks one of them takes the generic path (Muon's matrices: the kernel is its Adam part's).
         coefficients: ``(group, state, lr, step) -> row`` of at most ALG_COLUMNS numbers. Called once per
             distinct ``(lr, step)`` of a group (the row must then not depend on the state) unless
             ``rows`` is given.
@@ -134,6 +135,8 @@ class NativeSpec:
             None refuses the tensor.
         accumulate: the kernel can form an accumulated mean in its pass.
         adapt: the kernel has the norm phase of layer adaptation.
+        torch_fused: an ADAM kernel whose groups hold ``betas``, ``eps`` and ``bias_correction``: torch's fused
+            AdamW may run it where the native kernels cannot (CUDA, no native library).
     """
 
     kernel: Kernel
@@ -143,6 +146,7 @@ class NativeSpec:
     layout: Callable[[Mapping[str, Any], Tensor, dict[str, Any], str | None], Layout | None] | None = None
     accumulate: bool = True
     adapt: bool = True
+    torch_fused: bool = False
 
 
 class Fusion:

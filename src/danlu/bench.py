@@ -139,6 +139,10 @@ def _muon_split(named: list[tuple[str, Tensor]]) -> tuple[list[Tensor], list[Ten
     return matrices, rest
 
 
+PAIRED: dict[str, str] = {"muon": "torch.Muon+Adam"}
+"""{algorithm: the torch implementation its other rows are also paired with, round by round, when in the same batch}."""
+
+
 class _TorchMuonWithAdam:
     """torch.optim.Muon over the matrices and torch.optim.Adam (foreach) over the rest, stepped together."""
 
@@ -524,6 +528,8 @@ class Result:
     calls: int = 1
     note: str = ""
     error: str | None = None
+    paired_with: str | None = None  # PAIRED's implementation of the same algorithm
+    paired_ratios: list[float] = field(default_factory=list)  # per round: step time / its step time
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -697,6 +703,10 @@ def run(
             # to the reference and of the efficiencies against the bandwidth of the same round
             result.ratio = statistics.median(t / r for t, r in zip(timings[name], timings[REFERENCE])) if ref else None
             result.ratio_of_medians = medians[name] / ref if ref else None
+            peer = PAIRED.get(impl.algorithm)
+            if peer is not None and peer != name and peer in opts:
+                result.paired_with = peer
+                result.paired_ratios = [t / r for t, r in zip(timings[name], timings[peer])]
             result.transfers = impl.transfers(shapes)
             result.bytes_per_param = result.transfers * elem
             result.achieved_gbs = result.bytes_per_param * n / medians[name] / 1e9
@@ -780,9 +790,23 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(r['bytes_per_param'], '.1f')} | {_fmt(r['achieved_gbs'], '.1f')} | {_fmt(r['efficiency'], '.2f')} | "
                 f"{_fmt(r['state_bytes_per_param'], '.2f')} | {_fmt(r['peak_extra_tensors'], '.2f')} | {_fmt(r['first_step_s'], '.2f')} |"
             )
+        lines += _paired_lines(entry["results"])
     if report.get("skipped"):
         lines += ["", "Peers not measured: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The rows paired per round with torch's implementation of their algorithm (see :data:`PAIRED`)."""
+    lines = []
+    for r in results:
+        ratios = r.get("paired_ratios")
+        if ratios:
+            lines.append(
+                f"- {r['name']} / {r['paired_with']}, paired per round: median {statistics.median(ratios):.2f} "
+                f"({min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} rounds)"
+            )
+    return ["", *lines] if lines else []
 
 
 def _machine() -> dict[str, Any]:

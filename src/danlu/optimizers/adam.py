@@ -91,7 +91,9 @@ class Adam(DanluOptimizer):
             return 1 - beta1**step, (1 - beta2**step).sqrt()
         return 1 - beta1**step, math.sqrt(1 - beta2**step)
 
-    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.ADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)
+    native: ClassVar[NativeSpec | None] = NativeSpec(
+        Kernel.ADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients, torch_fused=True
+    )
     """The native kernel (see ``danlu._native_spec``)."""
 
     def _update_single(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from danlu._context import StepContext
 from danlu._distributed import is_dtensor
+from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas, check_bool, check_int, check_number, check_patterns
 from danlu.base import DanluOptimizer, ParamsT
 from danlu.derivations._base import matches_any
@@ -67,6 +68,12 @@ def adjusted_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
+def _native_coefficients(group: Mapping[str, Any], state: Mapping[str, Any], lr: float, step: float) -> list[float]:
+    """The Adam kernel's row (as ``danlu.optimizers.adam``'s, bias-corrected) with the Adam part's options."""
+    beta1, beta2 = group["adam_betas"]
+    return [1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**step), group["adam_eps"], -lr / (1 - beta1**step)]
+
+
 def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return p.shape[0], math.prod(p.shape[1:])
 
@@ -100,7 +107,8 @@ class Muon(DanluOptimizer):
     matrices of a group run before its updates are written, the matrices of one shape in one
     batched ``bmm`` chain (held in ``ns_dtype`` until written); on the CPU, where that measured
     no faster, each matrix is orthogonalized in its own update (see :func:`batched_newton_schulz`).
-    ``foreach=False`` is the per-tensor reference. Under FSDP2 Newton-Schulz sees whole matrices:
+    The Adam part of a CPU group runs danlu's native Adam kernel (one pass per tensor, as
+    :class:`~danlu.Adam`). ``foreach=False`` is the per-tensor reference. Under FSDP2 Newton-Schulz sees whole matrices:
     each is gathered on one process, orthogonalized there, and every process gets its rows of the
     result back (the reference loop gathers each matrix on every process instead).
 
@@ -215,6 +223,10 @@ class Muon(DanluOptimizer):
         name = name if name is not None else self._param_name(group, p)
         return name is not None and matches_any(tuple(patterns), name)
 
+    def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
+        # only the Adam part takes the kernels; the whole-group Newton-Schulz pass reads a matrix's gradient itself
+        return self.uses_adam(group, p) and super()._defer_mean(ctx, group, p, buffer, steps)
+
     def _owner(self, group: Mapping[str, Any], p: Tensor, state: Mapping[str, Any]) -> Tensor:
         """The parameter whose state is ``state`` (``_init_state`` may get a converted copy of it)."""
         if self._param_name(group, p) is not None:
@@ -240,6 +252,9 @@ class Muon(DanluOptimizer):
         return template
 
     # ------------------------------------------------------------ updates
+    native: ClassVar[NativeSpec | None] = NativeSpec(Kernel.ADAM, lambda group: ("exp_avg", "exp_avg_sq"), _native_coefficients)
+    """The Adam part runs the native Adam kernel; a matrix's state has no ``exp_avg``, so the kernels leave it here."""
+
     def _update_single(
         self, group: Mapping[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, step: float
     ) -> Tensor:
