@@ -16,7 +16,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -68,11 +68,21 @@ class ForeignHost(DerivationHost):
         True
     """
 
+    _danlu_base_step: Callable[..., Any]
+    """The base's ``step`` without torch's hook wrapper (set on each derived class, see :func:`_unhooked_base_step`)."""
+    _danlu_traced_base_step: Callable[..., Any]
+    """The same without any wrapper (torch.optim's ``_use_grad`` graph breaks included): the traced step calls it."""
+    _danlu_init_group_lists: ClassVar[int | None] = None
+    """How many empty lists the traced step hands the base's ``_init_group`` (see :meth:`_traced_step`); None: no call."""
+    _danlu_eager_first_step: ClassVar[bool] = False
+    """The base has an ``_init_group`` that cannot be called so: the call that creates its state runs eagerly."""
+
     def _base_step(self, ctx: StepContext) -> None:
         groups = self.param_groups
         saved_lrs = [group["lr"] for group in groups]
         snapshots: list[tuple[list[int], list[Tensor]]] = []
-        swapped = _swap_gradients(ctx)
+        written = _write_gradients(ctx) if torch.compiler.is_compiling() else None
+        swapped = _swap_gradients(ctx) if written is None else []
         try:
             for group, scale in zip(groups, ctx.lr_scales):
                 if isinstance(scale, Tensor) or scale != 1.0:
@@ -90,23 +100,61 @@ class ForeignHost(DerivationHost):
                 group["lr"] = lr
             for p, grad in swapped:
                 p.grad = grad
+            for target, old in written or ():
+                target.copy_(old)
         for group, snapshot, lr in zip(groups, snapshots, effective_lrs):
             self._transform_snapshot(ctx, group, snapshot, lr)
 
     def _needs_eager_call(self) -> bool:
-        """Under tracing, a call with a parameter that has no base state yet takes an eager step.
+        """Under tracing, whether this call takes an eager step (one more graph break): almost never.
 
-        Dynamo runs a ``torch.optim`` base's state initialization (``_init_group``) on the real
-        state, apart from the traced step's own changes to it (the derivations' entries), which then
-        overwrite what it created; so the step that creates a foreign base's state runs eagerly (one
-        graph break, on the first call).
+        Only a base with an ``_init_group`` that :meth:`_traced_step` cannot call (a keyword-only
+        argument without default) does so, for a call with a parameter that has no base state yet:
+        Dynamo would run that ``_init_group`` on the real state, apart from the traced step's changes.
         """
+        if not self._danlu_eager_first_step:
+            return False
         keys = {key for d in self._danlu_derivations for key in d.state_keys}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not set(self.state.get(p, {})) - keys:
                     return True
         return False
+
+    def _traced_step(self) -> None:
+        """The traced step, after the base's ``_init_group`` has made the state of every parameter with a gradient.
+
+        Dynamo does not trace an optimizer's ``_init_group``: it runs it on the real state while it
+        traces (torch/_dynamo/variables/optimizer.py). Called inside the base's step, after the
+        derivations have added their entries to the traced state, it would make the base's state
+        apart from them, and the traced step's own changes would then overwrite it. Called here,
+        before anything reads the state, it leaves the traced step nothing of the base's to create.
+        Nothing else happens: the lists it fills are dropped, no ``step`` count moves. It is one call
+        for every group: Dynamo reads the state after the first one, so a second would again make
+        state apart from the traced one.
+        """
+        if self._danlu_init_group_lists is not None:
+            self._init_group(_EVERY_GROUP)
+        super()._traced_step()
+
+    def _init_group(self, *args: Any, **kwargs: Any) -> Any:
+        """The base's ``_init_group``; under tracing, a state that holds only derivation entries is shown empty to it.
+
+        (An accumulation buffer of an eager call that only buffered must not look like the base's state.)
+        Given ``_EVERY_GROUP``, it runs for every group, with empty lists.
+        """
+        base_init = super()._init_group  # type: ignore[misc]
+        if args and isinstance(args[0], str) and args[0] == _EVERY_GROUP:
+            lists = self._danlu_init_group_lists or 0
+            for group in self.param_groups:
+                self._init_group(group, *[[] for _ in range(lists)])
+            return None
+        if not torch.compiler.is_compiling():
+            return base_init(*args, **kwargs)  # the eager step has set the entries aside already
+        keys = {key for d in self._danlu_derivations for key in d.state_keys}
+        bare = [state for state in self.state.values() if state and set(state) <= keys]
+        with _derivation_state_hidden(self, bare):
+            return base_init(*args, **kwargs)
 
     def _init_base_state(self) -> None:
         self._step_foreign_base()  # lr 0 and zero gradients: what torch.distributed.checkpoint does for any optimizer
@@ -118,13 +166,16 @@ class ForeignHost(DerivationHost):
         namespaced entries are set aside for the call and put back after it.
         """
         if torch.compiler.is_compiling():
-            # the base's state exists (see _needs_eager_call), so nothing is set aside; the base
-            # function runs without any of torch.optim's wrappers, whose deliberate graph breaks
-            # would cut the traced step in three
-            inspect.unwrap(_unhooked_base_step(type(self)))(self)
+            # the base function runs without any of torch.optim's wrappers, whose deliberate graph
+            # breaks would cut the traced step in three
+            if self._danlu_init_group_lists is not None or self._danlu_eager_first_step:
+                self._danlu_traced_base_step(self)  # its state exists (see _traced_step): nothing is set aside
+                return
+            with _derivation_state_hidden(self, self.state.values()):  # traced too: a base that makes its state itself
+                self._danlu_traced_base_step(self)
             return
         with _derivation_state_hidden(self, self.state.values()):
-            _unhooked_base_step(type(self))(self)
+            self._danlu_base_step(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ of Adam and friends reads state["step"] of every non-empty entry (deepcopy, pickle)
@@ -152,6 +203,9 @@ class ForeignHost(DerivationHost):
         torch._foreach_add_(params, olds)
 
 
+_EVERY_GROUP = "danlu: every group"
+"""The argument of ForeignHost's ``_init_group`` that makes the base's state of every group (a constant to Dynamo)."""
+
 _HOOK_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
 """The code of torch's hook wrapper: a ``step`` with this code is torch's wrapper, whatever else wraps it."""
 
@@ -172,6 +226,34 @@ def _unhooked_base_step(cls: type) -> Callable[..., Any]:
                 step = step.__wrapped__
             return step
     raise TypeError(f"{cls.__name__} has no base step")  # unreachable: torch.optim.Optimizer defines step
+
+
+def _bind_foreign_base(cls: type, base: type) -> None:
+    """Set on ``cls`` what its traced step reads of the base: found here, not while tracing (a class's ``__dict__`` breaks the graph)."""
+    step = _unhooked_base_step(cls)
+    cls._danlu_base_step = staticmethod(step)  # type: ignore[attr-defined]
+    cls._danlu_traced_base_step = staticmethod(inspect.unwrap(step))  # type: ignore[attr-defined]
+    lists = _init_group_lists(base)
+    cls._danlu_init_group_lists = lists  # type: ignore[attr-defined]
+    cls._danlu_eager_first_step = lists is None and callable(getattr(base, "_init_group", None))  # type: ignore[attr-defined]
+
+
+def _init_group_lists(base: type) -> int | None:
+    """How many arguments after ``group`` ``base._init_group`` requires, where all are positional (torch.optim's: lists).
+
+    None where the base has no ``_init_group`` or one that cannot be called with ``group`` and lists.
+    """
+    init = getattr(base, "_init_group", None)
+    if not callable(init):
+        return None
+    try:
+        params = list(inspect.signature(init).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in params[2:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(params) < 2 or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params[:2] + required):
+        return None
+    return len(required)
 
 
 @contextlib.contextmanager
@@ -205,6 +287,42 @@ def _swap_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor | None]]:
         swapped.append((p, p.grad))
         p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
     return swapped
+
+
+def _write_gradients(ctx: StepContext) -> list[tuple[Tensor, Tensor]] | None:
+    """Traced: write the gradient of this step into ``p.grad`` where a derivation replaced or scaled it; return what to write back.
+
+    Setting ``p.grad`` would be a pending change of the parameter, at which Dynamo breaks the graph
+    before the base's ``_init_group`` (which it runs on the real parameters). The caller's tensor
+    gets its values back after the base step, inside the same graph. None where that cannot be
+    done (a parameter without ``p.grad``, two parameters sharing one gradient tensor): the
+    gradients are swapped then (:func:`_swap_gradients`), at the price of the break.
+    """
+    pairs: list[tuple[Tensor, Tensor]] = []
+    targets: dict[tuple[Any, ...], list[Tensor]] = {}  # by shape and dtype: only tensors alike can be one
+    for _, p in ctx.params_with_gradient():
+        if id(p) not in ctx.replaced and id(p) not in ctx.scales:
+            continue
+        grad = ctx.scaled_gradient(p)
+        target = p.grad
+        if target is None or grad is None:
+            return None
+        alike = targets.setdefault((tuple(target.shape), target.dtype), [])
+        if any(target is other for other in alike):  # identity, not id(): id() would tie the graph to this tensor
+            return None
+        alike.append(target)
+        pairs.append((target, grad))
+    pairs = [(target, _unaliased(grad, targets)) for target, grad in pairs]
+    written = [(target, target.clone()) for target, _ in pairs]
+    for target, grad in pairs:
+        target.copy_(grad)
+    return written
+
+
+def _unaliased(grad: Tensor, targets: dict[tuple[Any, ...], list[Tensor]]) -> Tensor:
+    """``grad``, or a copy of it where it is one of the tensors about to be written."""
+    alike = targets.get((tuple(grad.shape), grad.dtype), [])
+    return grad.clone() if any(grad is target for target in alike) else grad
 
 
 def _as_float(lr: Any) -> Any:
@@ -323,6 +441,8 @@ def _extend(base: type, derivation: Derivation, name: str | None, module: str) -
     cls_name = name or f"{base.__name__}With{derivation.title}"
     cls = type(cls_name, bases, namespace)
     cls.__qualname__ = cls_name
+    if bases[0] is ForeignHost:
+        _bind_foreign_base(cls, base)
     _REBUILT.setdefault((base, type(derivation), name, module), cls)
     return cls
 
