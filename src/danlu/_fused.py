@@ -58,7 +58,18 @@ from danlu._native_spec import (
 if TYPE_CHECKING:
     from danlu._context import StepContext
 
-__all__ = ["group_step", "steady_step", "defer_mean", "native_kind", "settle_gradients", "advance_steps", "spec_for", "STATS"]
+__all__ = [
+    "group_step",
+    "steady_step",
+    "defer_mean",
+    "native_kind",
+    "settle_gradients",
+    "advance_steps",
+    "spec_for",
+    "accumulate_into",
+    "scale_scalars",
+    "STATS",
+]
 
 STATS = {"native_tensors": 0, "torch_fused_tensors": 0}
 """How many tensor updates the native kernels (and torch's fused Adam) have done in this process."""
@@ -67,6 +78,7 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_SET = frozenset(_PLAIN)
 _DTYPE, _LAYOUT, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("layout"), operator.attrgetter("is_cpu")
+_SHAPE = operator.attrgetter("shape")
 _APPLIED_STEPS = "applied_steps"  # the param-group counter of applied steps (danlu.derivations._base)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -429,7 +441,7 @@ class _Plan:
         assert steady is not None
         if len(params) != len(steady) or not all(map(operator.is_, params, steady)) or _group_signature(self.stack, group) != self.key[0]:
             return False
-        grads = [p.grad for p in params]
+        grads = ctx.group_gradients(group)
         if not all(map(operator.is_not, grads, repeat(None))):
             return False
         n = len(params)
@@ -681,3 +693,58 @@ def _torch_fused_adam(
         STATS["torch_fused_tensors"] += len(members)
     return rest
 
+
+
+# ------------------------------------------------------------------------------------ scalar and buffer helpers
+
+
+def _plain_dense(tensors: list[Tensor], dtype: torch.dtype) -> bool:
+    """Every tensor a plain, dense, contiguous CPU tensor of ``dtype`` (C-speed passes over the list)."""
+    return (
+        set(map(type, tensors)) <= _PLAIN_SET
+        and set(map(_DTYPE, tensors)) == {dtype}
+        and set(map(_LAYOUT, tensors)) == {torch.strided}
+        and all(map(_IS_CPU, tensors))
+        and all(map(Tensor.is_contiguous, tensors))
+    )
+
+
+def accumulate_into(buffers: list[Tensor], grads: list[Tensor]) -> bool:
+    """``buffer += grad`` for every pair in one native call (as ``add_``); False, nothing done, where the kernels cannot."""
+    n = len(buffers)
+    lib = _native.load() if n and not _is_compiling() else None
+    dtype = buffers[0].dtype if n else None
+    if lib is None or dtype not in _DTYPES or not (_plain_dense(buffers, dtype) and _plain_dense(grads, dtype)):
+        return False
+    if list(map(_SHAPE, buffers)) != list(map(_SHAPE, grads)):
+        return False
+    numel = np.fromiter(map(Tensor.numel, buffers), dtype=np.int64, count=n)
+    dst = np.fromiter(map(Tensor.data_ptr, buffers), dtype=np.int64, count=n)
+    src = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=n)
+    rc = lib.danlu_accumulate(_DTYPES[dtype], n, _addr(numel), _addr(dst), _addr(src), torch.get_num_threads())
+    if rc != 0:  # pragma: no cover - only float32 and float64 are sent
+        raise RuntimeError(f"danlu native kernel failed ({rc})")
+    if _increment_version is not None:
+        _increment_version(buffers)
+    return True
+
+
+def scale_scalars(scalars: list[Tensor], factors: list[float] | float) -> Any:
+    """Multiply each float64 CPU scalar in place by its factor (as ``mul_``); return the new values (numpy), or None.
+
+    None (nothing done) where the kernels are not loaded or a scalar is not a plain 0-dim float64 CPU tensor.
+    """
+    n = len(scalars)
+    lib = _native.load() if n and not _is_compiling() else None
+    if lib is None or not (
+        set(map(type, scalars)) <= _PLAIN_SET
+        and set(map(_DTYPE, scalars)) == {torch.float64}
+        and all(map(_IS_CPU, scalars))
+        and not any(map(Tensor.dim, scalars))
+    ):
+        return None
+    ptrs = np.fromiter(map(Tensor.data_ptr, scalars), dtype=np.int64, count=n)
+    scale = np.full(n, factors, dtype=np.float64) if isinstance(factors, float) else np.asarray(factors, dtype=np.float64)
+    out = np.empty(n, dtype=np.float64)
+    lib.danlu_scale(n, _addr(ptrs), _addr(scale), _addr(out))
+    return out
