@@ -66,7 +66,6 @@ __all__ = [
     "settle_gradients",
     "advance_steps",
     "spec_for",
-    "accumulate_into",
     "scale_scalars",
     "STATS",
 ]
@@ -78,7 +77,6 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_SET = frozenset(_PLAIN)
 _DTYPE, _LAYOUT, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("layout"), operator.attrgetter("is_cpu")
-_SHAPE = operator.attrgetter("shape")
 _APPLIED_STEPS = "applied_steps"  # the param-group counter of applied steps (danlu.derivations._base)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -694,39 +692,7 @@ def _torch_fused_adam(
     return rest
 
 
-
-# ------------------------------------------------------------------------------------ scalar and buffer helpers
-
-
-def _plain_dense(tensors: list[Tensor], dtype: torch.dtype) -> bool:
-    """Every tensor a plain, dense, contiguous CPU tensor of ``dtype`` (C-speed passes over the list)."""
-    return (
-        set(map(type, tensors)) <= _PLAIN_SET
-        and set(map(_DTYPE, tensors)) == {dtype}
-        and set(map(_LAYOUT, tensors)) == {torch.strided}
-        and all(map(_IS_CPU, tensors))
-        and all(map(Tensor.is_contiguous, tensors))
-    )
-
-
-def accumulate_into(buffers: list[Tensor], grads: list[Tensor]) -> bool:
-    """``buffer += grad`` for every pair in one native call (as ``add_``); False, nothing done, where the kernels cannot."""
-    n = len(buffers)
-    lib = _native.load() if n and not _is_compiling() else None
-    dtype = buffers[0].dtype if n else None
-    if lib is None or dtype not in _DTYPES or not (_plain_dense(buffers, dtype) and _plain_dense(grads, dtype)):
-        return False
-    if list(map(_SHAPE, buffers)) != list(map(_SHAPE, grads)):
-        return False
-    numel = np.fromiter(map(Tensor.numel, buffers), dtype=np.int64, count=n)
-    dst = np.fromiter(map(Tensor.data_ptr, buffers), dtype=np.int64, count=n)
-    src = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=n)
-    rc = lib.danlu_accumulate(_DTYPES[dtype], n, _addr(numel), _addr(dst), _addr(src), torch.get_num_threads())
-    if rc != 0:  # pragma: no cover - only float32 and float64 are sent
-        raise RuntimeError(f"danlu native kernel failed ({rc})")
-    if _increment_version is not None:
-        _increment_version(buffers)
-    return True
+# ------------------------------------------------------------------------------------ scalars
 
 
 def scale_scalars(scalars: list[Tensor], factors: list[float] | float) -> Any:

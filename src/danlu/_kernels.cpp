@@ -725,19 +725,6 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
 }
 
 
-// dst[i] += src[i] over each pair of tensors (gradient accumulation's buffering)
-template <typename T>
-void accumulate_all(int64_t nt, const int64_t* numel, void* const* dst, void* const* src, int nthreads) {
-  for (int64_t i = 0; i < nt; ++i) {
-    T* __restrict a = static_cast<T*>(dst[i]);
-    const T* __restrict b = static_cast<const T*>(src[i]);
-    const int64_t n = numel[i];
-    const int nth = (nthreads > 1 && n >= PAR_MIN) ? nthreads : 1;
-#pragma omp parallel for simd num_threads(nth) schedule(static) if (nth > 1)
-    for (int64_t j = 0; j < n; ++j) a[j] = a[j] + b[j];
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -778,18 +765,6 @@ void danlu_scale(int64_t n, void* const* ptrs, const double* factors, double* ou
     *t *= factors[i];
     out[i] = *t;
   }
-}
-
-// dst[i] += src[i] for nt pairs of tensors (gradient accumulation's buffering), as torch's add_.
-int danlu_accumulate(int dtype, int64_t nt, const int64_t* numel, void* const* dst, void* const* src, int nthreads) {
-  if (dtype == 0) {
-    accumulate_all<float>(nt, numel, dst, src, nthreads);
-  } else if (dtype == 1) {
-    accumulate_all<double>(nt, numel, dst, src, nthreads);
-  } else {
-    return -1;
-  }
-  return 0;
 }
 
 // Elementwise algorithms over a list of tensors. dtype: 0 float, 1 double. kernel: a Kernel.

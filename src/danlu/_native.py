@@ -111,8 +111,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.danlu_increment.argtypes = [ctypes.c_int64, vp, vp]
     lib.danlu_scale.restype = None
     lib.danlu_scale.argtypes = [ctypes.c_int64, vp, vp, vp]
-    lib.danlu_accumulate.restype = ctypes.c_int
-    lib.danlu_accumulate.argtypes = [ctypes.c_int, ctypes.c_int64, vp, vp, vp, ctypes.c_int]
     lib.danlu_adafactor.restype = ctypes.c_int
     lib.danlu_adafactor.argtypes = [ctypes.c_int, ctypes.c_int64, vp, vp, vp, vp, ctypes.c_int]
     if lib.danlu_abi_version() != _ABI:

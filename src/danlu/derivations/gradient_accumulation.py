@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from danlu import _fused
 from danlu._distributed import all_reduce_mean_, sync_group
 from danlu._native_spec import AccumulationMean
 from danlu._validate import check_int
@@ -101,12 +100,10 @@ class GradientAccumulation(Derivation):
         return True
 
     def _buffer(self, host: DerivationHost) -> None:
-        """A buffering call: add every gradient to its buffer (one native call, else one foreach add)."""
+        """A buffering call: add every gradient to its buffer (one foreach add; per tensor for sparse gradients)."""
         params = _params_with_grad(host)
         buffers = [self.zeros_state(host, p, BUFFER, _buffer_dtype(p)) for p in params]
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        if _fused.accumulate_into(buffers, grads):
-            return
         if any(g.is_sparse for g in grads):
             for buffer, grad in zip(buffers, grads):
                 buffer.add_(grad)
