@@ -38,6 +38,7 @@ class StepContext:
             whether this call applies a step (None: it does); see :class:`danlu._host._Gate`.
         gate_exempt: ids of the tensors that a call which does not apply keeps as written (the buffers).
         dropped: whether a gradient hook dropped this step (nothing else changed).
+        grads: ``id(group) -> [p.grad for p in group["params"]]`` as the eager step read them when it began.
     """
 
     __slots__ = (
@@ -46,6 +47,7 @@ class StepContext:
         "dropped",
         "fused_after",
         "gate_exempt",
+        "grads",
         "host",
         "lr_scales",
         "pending_means",
@@ -64,6 +66,13 @@ class StepContext:
         self.applies: Tensor | None = None
         self.gate_exempt: set[int] = set()
         self.dropped = False
+        read = host._step_gradients() or []
+        self.grads: dict[int, list[Any]] = {id(g): r for g, r in zip(host.param_groups, read)}
+
+    def group_gradients(self, group: dict[str, Any]) -> list[Any]:
+        """``[p.grad for p in group["params"]]`` (read once per eager step; derivations never write ``p.grad``)."""
+        grads = self.grads.get(id(group))
+        return grads if grads is not None else [p.grad for p in group["params"]]
 
     def gradient(self, p: Tensor) -> Tensor | None:
         """The gradient the base step uses for ``p``, before any scale (``p.grad`` unless replaced)."""

@@ -60,7 +60,17 @@ from danlu._native_spec import (
 if TYPE_CHECKING:
     from danlu._context import StepContext
 
-__all__ = ["group_step", "steady_step", "defer_mean", "native_kind", "settle_gradients", "advance_steps", "spec_for", "STATS"]
+__all__ = [
+    "group_step",
+    "steady_step",
+    "defer_mean",
+    "native_kind",
+    "settle_gradients",
+    "advance_steps",
+    "spec_for",
+    "scale_scalars",
+    "STATS",
+]
 
 STATS = {"native_tensors": 0, "torch_fused_tensors": 0}
 """How many tensor updates the native kernels (and torch's fused Adam) have done in this process."""
@@ -435,7 +445,7 @@ class _Plan:
         assert steady is not None
         if len(params) != len(steady) or not all(map(operator.is_, params, steady)) or _group_signature(self.stack, group) != self.key[0]:
             return False
-        grads = [p.grad for p in params]
+        grads = ctx.group_gradients(group)
         if not all(map(operator.is_not, grads, repeat(None))):
             return False
         n = len(params)
@@ -687,3 +697,26 @@ def _torch_fused_adam(
         STATS["torch_fused_tensors"] += len(members)
     return rest
 
+
+# ------------------------------------------------------------------------------------ scalars
+
+
+def scale_scalars(scalars: list[Tensor], factors: list[float] | float) -> Any:
+    """Multiply each float64 CPU scalar in place by its factor (as ``mul_``); return the new values (numpy), or None.
+
+    None (nothing done) where the kernels are not loaded or a scalar is not a plain 0-dim float64 CPU tensor.
+    """
+    n = len(scalars)
+    lib = _native.load() if n and not _is_compiling() else None
+    if lib is None or not (
+        set(map(type, scalars)) <= _PLAIN_SET
+        and set(map(_DTYPE, scalars)) == {torch.float64}
+        and all(map(_IS_CPU, scalars))
+        and not any(map(Tensor.dim, scalars))
+    ):
+        return None
+    ptrs = np.fromiter(map(Tensor.data_ptr, scalars), dtype=np.int64, count=n)
+    scale = np.full(n, factors, dtype=np.float64) if isinstance(factors, float) else np.asarray(factors, dtype=np.float64)
+    out = np.empty(n, dtype=np.float64)
+    lib.danlu_scale(n, _addr(ptrs), _addr(scale), _addr(out))
+    return out

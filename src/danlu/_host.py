@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable
+from itertools import chain, repeat
 from numbers import Real
 from typing import Any, ClassVar
 
@@ -37,6 +39,10 @@ from danlu.derivations._base import APPLIED_STEPS, CALLS, GROUP_COUNTERS, Deriva
 from danlu.derivations.weight_decay import adopt_torch_weight_decay
 
 __all__ = ["DerivationHost"]
+
+STEP_GRADIENTS = "_danlu_step_gradients"
+"""The attribute that holds, during one eager step, the gradients it read (see ``DerivationHost._step_gradients``)."""
+_GRAD = operator.attrgetter("grad")
 
 
 class DerivationHost(torch.optim.Optimizer):
@@ -119,6 +125,13 @@ class DerivationHost(torch.optim.Optimizer):
         return loss
 
     def _eager_step(self) -> None:
+        self.__dict__[STEP_GRADIENTS] = [list(map(_GRAD, group["params"])) for group in self.param_groups]
+        try:
+            self._checked_eager_step()
+        finally:
+            del self.__dict__[STEP_GRADIENTS]
+
+    def _checked_eager_step(self) -> None:
         self._check_gradients()
         self._check_lrs()
         if not self.state and self._is_state_init_call():
@@ -131,7 +144,14 @@ class DerivationHost(torch.optim.Optimizer):
         else:
             self._base_step(StepContext(self))
 
+    def _step_gradients(self) -> list[list[Any]] | None:
+        """Every ``p.grad`` as the eager step read them when it began (one read per tensor), per group; None outside it."""
+        return self.__dict__.get(STEP_GRADIENTS)
+
     def _any_gradient(self) -> bool:
+        grads = self._step_gradients()
+        if grads is not None:
+            return any(map(operator.is_not, chain.from_iterable(grads), repeat(None)))
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _derived_step(self, ctx: StepContext) -> None:
@@ -226,9 +246,12 @@ class DerivationHost(torch.optim.Optimizer):
         danlu's native path runs Lookahead and EMA inside its update pass and leaves only the rest here.
         """
         done = ctx.fused_after.pop((index, id(group)), None)
+        params = group["params"]
         if not done:
-            return group["params"]
-        return [p for p in group["params"] if id(p) not in done]
+            return params
+        if len(done) == len(params):  # done holds ids of this group's (distinct) parameters: all of them
+            return []
+        return [p for p in params if id(p) not in done]
 
     def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
         """Whether the base step forms ``p``'s accumulated mean itself (in its native pass)."""

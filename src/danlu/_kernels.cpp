@@ -729,7 +729,7 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
 
 extern "C" {
 
-int danlu_abi_version() { return 5; }
+int danlu_abi_version() { return 6; }
 
 // A STREAM-like bandwidth probe with Adam's access pattern: reads a, b, c, d and writes a, c, d
 // (7 transfers per element); s = 0 leaves the values as they are.
@@ -755,6 +755,15 @@ void danlu_increment(int64_t n, void* const* ptrs, double* out) {
     float* t = static_cast<float*>(ptrs[i]);
     *t += 1.0f;
     out[i] = double(*t);
+  }
+}
+
+// Float64 scalars (NAdam's mu_product): multiply each by its factor and report the new values.
+void danlu_scale(int64_t n, void* const* ptrs, const double* factors, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    double* t = static_cast<double*>(ptrs[i]);
+    *t *= factors[i];
+    out[i] = *t;
   }
 }
 

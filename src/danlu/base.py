@@ -32,8 +32,10 @@ gradients and state are DTensors; every reduction goes through
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from itertools import chain, repeat
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +54,8 @@ __all__ = ["DanluOptimizer", "ParamsT"]
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 CHUNK_MIN_NUMEL = 1 << 20
+_COMPLEX = frozenset({torch.complex32, torch.complex64, torch.complex128})
+_DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
 """Updates are computed over chunks of at most max(largest tensor, this many) elements."""
 
 
@@ -137,6 +141,8 @@ class DanluOptimizer(DerivationHost):
 
     # ---------------------------------------------------------------- checks
     def _check_gradients(self) -> None:
+        if self._gradients_plain():
+            return
         if not self.supports_complex:
             reject_complex(self)
         if self.supports_sparse:
@@ -149,6 +155,26 @@ class DanluOptimizer(DerivationHost):
                         f"{type(self).__name__} does not support sparse gradients{label}; "
                         "use LazyAdam, or an embedding with sparse=False"
                     )
+
+    def _gradients_plain(self) -> bool:
+        """Whether the gradients this eager step read pass :meth:`_check_gradients` (C-speed passes, no per-tensor Python).
+
+        False when a parameter is complex or a gradient sparse (where the algorithm rejects them), and
+        outside an eager step: then the per-tensor walk decides, and names the offending parameter.
+        """
+        grads = self._step_gradients()
+        if grads is None:
+            return False
+        if not self.supports_complex:
+            params = chain.from_iterable(group["params"] for group in self.param_groups)
+            if not _COMPLEX.isdisjoint(map(_DTYPE, params)):
+                return False
+        if self.supports_sparse:
+            return True
+        flat = list(chain.from_iterable(grads))
+        if not all(map(operator.is_not, flat, repeat(None))):
+            flat = [g for g in flat if g is not None]
+        return not any(map(_IS_SPARSE, flat))
 
     # ------------------------------------------------------------------ step
     def _base_step(self, ctx: StepContext) -> None:

@@ -76,8 +76,7 @@ class GradientAccumulation(Derivation):
             self._traced_accumulate(host, ctx, steps)
             return True
         if (int(groups[0][CALLS]) + 1) % steps != 0:
-            for p in _params_with_grad(host):
-                self.zeros_state(host, p, BUFFER, _buffer_dtype(p)).add_(p.grad)
+            self._buffer(host)
             return False
         sync = sync_group(host)
         defer = sync is None and not host._has_gradient_hooks()  # a gradient hook needs the mean formed first
@@ -99,6 +98,17 @@ class GradientAccumulation(Derivation):
             all_reduce_mean_(means, sync)
         ctx.cleanup.append(lambda failed: _clear(buffers, failed))
         return True
+
+    def _buffer(self, host: DerivationHost) -> None:
+        """A buffering call: add every gradient to its buffer (one foreach add; per tensor for sparse gradients)."""
+        params = _params_with_grad(host)
+        buffers = [self.zeros_state(host, p, BUFFER, _buffer_dtype(p)) for p in params]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        if any(g.is_sparse for g in grads):
+            for buffer, grad in zip(buffers, grads):
+                buffer.add_(grad)
+            return
+        torch._foreach_add_(buffers, grads)  # per pair as add_ (a float32 buffer takes a 16-bit gradient exactly)
 
     def _traced_accumulate(self, host: DerivationHost, ctx: StepContext, steps: int) -> None:
         """Every traced call buffers and proposes the mean; ``ctx.applies`` says whether it is a step.
@@ -127,9 +137,8 @@ class GradientAccumulation(Derivation):
 
 
 def _clear(buffers: list[Tensor], failed: bool) -> None:
-    if not failed:
-        for buffer in buffers:
-            buffer.zero_()
+    if not failed and buffers:
+        torch._foreach_zero_(buffers)
 
 
 def _clear_where(buffers: list[Tensor], applies: Tensor) -> None:

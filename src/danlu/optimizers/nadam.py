@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from danlu import _fused
 from danlu._native_spec import Kernel, NativeSpec
 from danlu._validate import check_betas, check_number
 from danlu.base import DanluOptimizer, ParamsT
@@ -27,13 +28,16 @@ def _native_rows(group: Mapping[str, Any], states: list[dict[str, Any]], lrs: li
     by_step = {t: (beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)), beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))) for t in distinct}
     if len(distinct) == 1:
         (mu, mu_next), sqrt_correction2 = by_step[distinct[0]], (1 - beta2 ** distinct[0]) ** 0.5
-        torch._foreach_mul_(products, mu)
+        factors: float | list[float] = mu
     else:
         mu = np.array([by_step[t][0] for t in steps])
         mu_next = np.array([by_step[t][1] for t in steps])
         sqrt_correction2 = np.array([(1 - beta2**t) ** 0.5 for t in steps])
-        torch._foreach_mul_(products, mu.tolist())
-    mu_product = torch.stack(products).numpy() if len(products) > 1 else np.array([float(products[0])])
+        factors = mu.tolist()
+    mu_product = _fused.scale_scalars(products, factors)  # every product advanced in one native call
+    if mu_product is None:
+        torch._foreach_mul_(products, factors)
+        mu_product = torch.stack(products).numpy() if len(products) > 1 else np.array([float(products[0])])
     lr = np.array(lrs, dtype=np.float64)
     rows = np.zeros((len(states), 7))
     rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 4] = 1 - beta1, beta2, 1 - beta2, group["eps"]
