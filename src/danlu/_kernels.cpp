@@ -34,7 +34,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -745,6 +749,14 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 // (the vectors go by reference: a vector argument or result would change with the instruction set's ABI)
 inline void load8(const double* x, v8d& v) { std::memcpy(&v, x, sizeof(v)); }
 
+#if defined(__AVX512F__)
+inline void load8(const float* x, v8d& v) { v = (v8d)_mm512_cvtps_pd(_mm256_loadu_ps(x)); }
+
+inline void load8(const uint16_t* x, v8d& v) {  // bfloat16: the high half of a float
+  const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16);
+  v = (v8d)_mm512_cvtps_pd(_mm256_castsi256_ps(u));
+}
+#else
 inline void load8(const float* x, v8d& v) {
   v8f f;
   std::memcpy(&f, x, sizeof(f));
@@ -758,6 +770,20 @@ inline void load8(const uint16_t* x, v8d& v) {  // bfloat16: the high half of a 
   v8f f;
   std::memcpy(&f, &u, sizeof(f));
   v = __builtin_convertvector(f, v8d);
+}
+#endif
+
+// acc += v * v. The square of a widened float or bfloat16 is exact, so a fused multiply-add gives the
+// same bits as the multiplication and the addition; a double's square is rounded, and keeps the two.
+template <typename T>
+inline void add_square(v8d& acc, const v8d& v) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+    acc = (v8d)_mm512_fmadd_pd((__m512d)v, (__m512d)v, (__m512d)acc);
+    return;
+  }
+#endif
+  acc += v * v;
 }
 
 inline double widen(double x) { return x; }
@@ -779,7 +805,7 @@ double chunk_sumsq(const T* __restrict x, int64_t n) {
     for (int u = 0; u < NV; ++u) {
       v8d v;
       load8(x + j + 8 * u, v);
-      acc[u] += v * v;
+      add_square<T>(acc[u], v);
     }
   }
   double s[NORM_LANES];
