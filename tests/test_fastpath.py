@@ -347,3 +347,71 @@ def test_tensor_subclasses_take_the_generic_path():
         ref.step()
     assert _fused.STATS["native_tensors"] + _fused.STATS["torch_fused_tensors"] == before
     _compare(torch.Tensor(p.detach()).as_subclass(torch.Tensor), q.detach(), torch.float64, "subclass")
+
+
+
+def _accum_pair(dtypes, grads_for_call):
+    """A natively run and a reference AdamW under accumulation (k=2), one group, compared after every call."""
+    cls = D.extend_with_gradient_accumulation(D.AdamW)
+    torch.manual_seed(0)
+    fast_params = [torch.nn.Parameter(torch.randn(6, 5, dtype=dtype)) for dtype in dtypes]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in fast_params]
+    fast, ref = cls(fast_params, lr=0.1, grad_accum_steps=2), cls(ref_params, lr=0.1, grad_accum_steps=2, foreach=False)
+    for call in range(6):
+        for ps in (fast_params, ref_params):
+            for p, g in zip(ps, grads_for_call(call)):
+                p.grad = g.to(p.dtype)
+        fast.step()
+        ref.step()
+        for pa, pb in zip(fast_params, ref_params):
+            _compare(pa.detach(), pb.detach(), pa.dtype, f"call {call}")
+            _compare(fast.state[pa]["accum.grad"], ref.state[pb]["accum.grad"], pa.dtype, f"call {call} buffer")
+    return fast, fast_params
+
+
+def _two_grads(call):
+    gen = torch.Generator().manual_seed(call)
+    return [torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)]
+
+
+@pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+def test_a_deferred_mean_taken_by_the_generic_path_clears_its_buffer():
+    """Both means are left to the kernel; the float64 tensor of a float32 group then takes the generic path."""
+    before = _fused.STATS["native_tensors"]
+    fast, params = _accum_pair([torch.float32, torch.float64], _two_grads)
+    assert _fused.STATS["native_tensors"] == before + 3  # the float32 tensor, on each applying call
+    for p in params:
+        assert torch.count_nonzero(fast.state[p]["accum.grad"]) == 0
+
+
+@pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+def test_a_natively_accumulated_step_runs_no_torch_op_on_the_buffers():
+    """The kernel forms the mean and clears the buffer in its pass: no second pass over the buffers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    fast, params = _accum_pair([torch.float32, torch.float32], _two_grads)
+    buffers = {fast.state[p]["accum.grad"].untyped_storage().data_ptr() for p in params}
+    touched: list[str] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_flatten((args, kwargs or {}))[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in buffers:
+                    touched.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for call in range(6, 8):
+        for p, g in zip(params, _two_grads(call)):
+            p.grad = g
+        before = _fused.STATS["native_tensors"]
+        with Spy():
+            fast.step()
+        if call % 2:  # the applying call
+            assert _fused.STATS["native_tensors"] == before + 2
+            assert touched == []
+        else:
+            assert touched == ["aten.add_.Tensor"] * 2
+        touched.clear()
+    for p in params:
+        assert torch.count_nonzero(fast.state[p]["accum.grad"]) == 0

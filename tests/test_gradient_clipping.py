@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import danlu
+from danlu import _native
 from danlu import extend_with_gradient_accumulation as accum
 from danlu import extend_with_gradient_clipping as clip
+from danlu.derivations import gradient_clipping as clipping
 
 SHAPES = {"a.weight": (4, 3), "a.bias": (3,), "b.weight": (5,)}
 
@@ -240,3 +242,177 @@ def test_factory_names():
     opt = danlu.create_optimizer(params, "adamw+gradient_clipping", lr=0.1, clipnorm=1.0)
     assert isinstance(opt, danlu.derive.DerivationHost)
     assert opt.param_groups[0]["clipnorm"] == 1.0
+
+
+# ------------------------------------------------------------------ the native norm pass
+
+native_only = pytest.mark.skipif(not _native.available(), reason="no native kernels on this machine")
+
+# every remainder of the 64-lane loop, and the chunk boundary (32768) of the threaded split
+SIZES = [(0,), (1,), (7,), (63,), (64,), (65,), (33, 65), (32767,), (32768,), (32769,), (3, 33335)]
+
+
+def _odd_tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype) for s in SIZES]
+
+
+def _native_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    norms = clipping._native_norms(grads, [{"foreach": None}])
+    assert norms is not None
+    return norms
+
+
+@native_only
+def test_native_norms_of_float64_equal_torch():
+    grads = _odd_tensors(torch.float64)
+    norms = _native_norms(grads)
+    assert norms.dtype == torch.float64
+    torch.testing.assert_close(norms, torch.stack(torch._foreach_norm(grads)), rtol=1e-14, atol=0)
+    assert norms[0].item() == 0.0  # the empty tensor
+
+
+@native_only
+def test_native_norms_of_float32_are_the_double_norm_rounded_once():
+    """The squares of floats are exact in double: the sum is exact to double rounding, the root rounded to float32 once.
+
+    torch's own float32 norm accumulates in float32; it agrees to a few float32 ulps (1e-6 relative).
+    """
+    grads = _odd_tensors(torch.float32)
+    norms = _native_norms(grads)
+    assert norms.dtype == torch.float32
+    exact = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).float()
+    assert torch.equal(norms, exact)
+    torch.testing.assert_close(norms, torch.stack(torch._foreach_norm(grads)), rtol=1e-6, atol=0)
+
+
+@native_only
+def test_native_norms_of_bfloat16_round_to_bfloat16_as_torch_does():
+    grads = _odd_tensors(torch.bfloat16)
+    norms = _native_norms(grads)
+    assert norms.dtype == torch.float32
+    exact = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    assert torch.equal(norms, exact.to(torch.bfloat16).float())
+    ours = torch.stack(torch._foreach_norm(grads)).float()  # rounded to bfloat16 from a float32 sum: 1 ulp (2**-8) apart at most
+    torch.testing.assert_close(norms, ours, rtol=2**-8, atol=0)
+
+
+@native_only
+def test_native_norms_of_mixed_dtypes_round_each_to_its_own():
+    grads = [*_odd_tensors(torch.float32)[4:7], *_odd_tensors(torch.bfloat16, seed=1)[4:7], *_odd_tensors(torch.float64, seed=2)[4:7]]
+    norms = _native_norms(grads)
+    assert norms.dtype == torch.float64
+    exact = [torch.linalg.vector_norm(g.double()) for g in grads]
+    expected = torch.stack([e.to(g.dtype).double() for e, g in zip(exact, grads)])
+    assert torch.equal(norms[:6], expected[:6])
+    torch.testing.assert_close(norms[6:], expected[6:], rtol=1e-14, atol=0)
+
+
+@native_only
+def test_native_norms_are_the_same_bits_for_any_thread_count():
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5 * 32768 + 11, generator=gen), torch.randn(70000, generator=gen), torch.randn(3, generator=gen)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _native_norms(grads)
+        torch.set_num_threads(2)
+        two = _native_norms(grads)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@native_only
+@pytest.mark.parametrize(
+    "grads",
+    [
+        lambda: [torch.randn(4, 4).t()],  # not contiguous
+        lambda: [torch.randn(4, dtype=torch.float16)],
+        lambda: [torch.randn(4, dtype=torch.complex64)],
+        lambda: [torch.randn(4), torch.randn(3, dtype=torch.float16)],
+    ],
+    ids=["non-contiguous", "float16", "complex", "one-float16"],
+)
+def test_native_norms_leave_what_they_cannot_read_to_torch(grads):
+    assert clipping._native_norms(grads(), [{"foreach": None}]) is None
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_native_norms_leave_a_group_with_foreach_set_to_torch(foreach):
+    assert clipping._native_norms([torch.randn(4)], [{"foreach": None}, {"foreach": foreach}]) is None
+
+
+def _spy_native_sums(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    lib = _native.load()
+    assert lib is not None
+    calls: list[int] = []
+    kernel = lib.danlu_sum_squares
+
+    def counted(n, *args):
+        calls.append(n)
+        return kernel(n, *args)
+
+    monkeypatch.setattr(lib, "danlu_sum_squares", counted)
+    return calls
+
+
+@native_only
+@pytest.mark.parametrize("option", ["global_clipnorm", "clipnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_clipping_takes_the_native_norms_and_matches_the_torch_path(monkeypatch, option, dtype):
+    sequence = [[g.to(dtype) for g in gs] for gs in grad_sequence(4)]
+    fast = [torch.nn.Parameter(p.detach().to(dtype)) for _, p in named()]
+    slow = [torch.nn.Parameter(p.detach().to(dtype)) for _, p in named()]
+    opt_fast = clip(danlu.AdamW)(fast, lr=0.01, **{option: 1.0})
+    opt_slow = clip(danlu.AdamW)(slow, lr=0.01, **{option: 1.0})
+    calls = _spy_native_sums(monkeypatch)
+    norms_fast, norms_slow = [], []
+    for grads in sequence:
+        run(opt_fast, fast, [grads])
+        norms_fast.append(opt_fast.grad_norm)
+        _native.disable()
+        try:
+            run(opt_slow, slow, [grads])
+        finally:
+            _native.enable()
+        norms_slow.append(opt_slow.grad_norm)
+    assert calls == [len(SHAPES)] * len(sequence)  # the native pass ran at every step, over every gradient
+    tol = dict(rtol=1e-14, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.stack(norms_fast), torch.stack(norms_slow), **tol)
+    for p, q in zip(fast, slow):
+        torch.testing.assert_close(p, q, rtol=1e-13 if dtype == torch.float64 else 2e-6, atol=1e-14 if dtype == torch.float64 else 2e-7)
+
+
+@native_only
+def test_clipping_with_foreach_false_keeps_the_torch_norms(monkeypatch):
+    calls = _spy_native_sums(monkeypatch)
+    params = [p for _, p in named()]
+    run(clip(danlu.AdamW)(params, lr=0.01, global_clipnorm=1.0, foreach=False), params, grad_sequence(2))
+    assert calls == []
+
+
+def test_grad_norm_is_the_same_bits_in_any_parameter_order():
+    sequence = [[g.float() for g in gs] for gs in grad_sequence(3)]
+    forward = [torch.nn.Parameter(p.detach().float()) for _, p in named()]
+    backward = [torch.nn.Parameter(p.detach().float()) for _, p in named()][::-1]
+    opt_a = clip(danlu.AdamW)(forward, lr=0.01, global_clipnorm=1.0)
+    opt_b = clip(danlu.AdamW)(backward, lr=0.01, global_clipnorm=1.0)
+    for grads in sequence:
+        run(opt_a, forward, [grads])
+        run(opt_b, backward, [grads[::-1]])
+        assert torch.equal(opt_a.grad_norm, opt_b.grad_norm)
+    for p, q in zip(forward, backward[::-1]):
+        assert torch.equal(p, q)
+
+
+def test_element_codes_agree_with_the_kernels():
+    import re
+    from pathlib import Path
+
+    source = (Path(danlu.__file__).parent / "_kernels.cpp").read_text()
+    body = re.search(r"enum class Elem : int \{([^}]*)\}", source)
+    assert body is not None
+    codes = {k.strip(): int(v) for k, v in (m.split("=") for m in body.group(1).split(","))}
+    names = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16"}
+    assert {names[dtype]: code for dtype, code in clipping._NATIVE_DTYPES.items()} == codes

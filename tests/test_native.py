@@ -169,18 +169,24 @@ _STEP = """
 w = torch.nn.Parameter(torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.75, 1.0, 1.5]))
 w.grad = torch.tensor([0.5, -0.25, 0.125, 3.0, -2.0, 1e-3, 0.0])
 danlu.Adam([w], lr=0.1).step()
+import numpy
+gen = torch.Generator().manual_seed(0)
+xs = [torch.randn(n, generator=gen, dtype=torch.float64).to(d) for n in (1, 65, 1000, 70001) for d in (torch.float32, torch.float64, torch.bfloat16)]
+codes = numpy.array([{torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}[x.dtype] for x in xs], dtype=numpy.int32)
+ptrs, numel, sums = (numpy.array([x.data_ptr() for x in xs]), numpy.array([x.numel() for x in xs]), numpy.zeros(len(xs)))
+assert _native.load().danlu_sum_squares(len(xs), numel.ctypes.data, ptrs.ctypes.data, codes.ctypes.data, 2, sums.ctypes.data) == 0
 """
 _PROBE = "import json, torch, danlu\nfrom danlu import _native\n" + _STEP + """
-print(json.dumps({"file": danlu.__file__, "status": _native.status(), "w": w.tolist()}))
+print(json.dumps({"file": danlu.__file__, "status": _native.status(), "w": w.tolist(), "sums": [s.hex() for s in sums.tolist()]}))
 """
 
 
-def _step_here() -> list[float]:
+def _step_here() -> tuple[list[float], list[str]]:
     import danlu
 
-    namespace = {"torch": torch, "danlu": danlu}
+    namespace = {"torch": torch, "danlu": danlu, "_native": _native}
     exec(_STEP, namespace)
-    return namespace["w"].tolist()
+    return namespace["w"].tolist(), [s.hex() for s in namespace["sums"].tolist()]
 
 
 def _capabilities_of_this_cpu() -> list[str]:
@@ -208,4 +214,5 @@ def test_installed_wheel_loads_its_library_without_a_compiler(wheel: Path, capab
     assert Path(report["status"]["path"]).parent == target / "danlu" / "_lib"
     assert not cache.exists()
     assert _native.load() is not None, "the comparison needs the native kernels in this process too"
-    assert report["w"] == _step_here()  # every variant rounds as this process's does (no contraction, IEEE ops)
+    # every variant rounds as this process's does (no contraction, IEEE ops), and sums the squares in the same order
+    assert (report["w"], report["sums"]) == _step_here()

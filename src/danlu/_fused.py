@@ -33,6 +33,7 @@ import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -211,10 +212,17 @@ def settle_gradients(ctx: StepContext, params: Sequence[Tensor], grads: list[Ten
         if entry is not None:
             buffer, steps = entry
             out[i] = buffer.add_(out[i]).div_(steps).to(grads[i].dtype)
+            ctx.cleanup.append(partial(_zero_after, buffer))
         scale = ctx.scales.get(id(p))
         if scale is not None:
             out[i] = out[i] * scale
     return out
+
+
+def _zero_after(buffer: Tensor, failed: bool) -> None:
+    """Clear an accumulation buffer that held a mean for the generic path, once the step has succeeded."""
+    if not failed:
+        buffer.zero_()
 
 
 def advance_steps(opt: Any, group: dict[str, Any], steps_t: list[Tensor]) -> list[float]:

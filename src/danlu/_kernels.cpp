@@ -25,6 +25,8 @@
 // parameter's dtype, without FMA contraction (-ffp-contract=off), so results equal the reference to
 // rounding. Only float and double are handled; the Python side falls back for anything else.
 //
+// Gradient clipping's norms come from danlu_sum_squares: each tensor's sum of squares in one read.
+//
 // The names below are those of danlu/_native_spec.py (tests/test_native_driver.py checks them).
 
 #include <algorithm>
@@ -32,7 +34,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -724,12 +730,139 @@ void adafactor_one(const int64_t* shape, void* const* slots, const double* c, in
   }
 }
 
+// ------------------------------------------------------------------ sums of squares (gradient clipping)
+// Each tensor's sum of x^2 in double, in an order that the source alone fixes (not the instruction set,
+// not the thread count): chunks of NORM_CHUNK elements; in a chunk, element j goes to running sum
+// j mod NORM_LANES (NORM_LANES / 8 independent vector accumulators, so that one core streams at read
+// bandwidth), the lanes are added pairwise, and the chunk sums in order. The square of a float or a
+// bfloat16 is exact in double, so their sums carry only the rounding of double additions.
+
+enum class Elem : int { F32 = 0, F64 = 1, BF16 = 2 };
+constexpr int NORM_LANES = 64;
+constexpr int64_t NORM_CHUNK = int64_t(1) << 15;
+
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// (the vectors go by reference: a vector argument or result would change with the instruction set's ABI)
+inline void load8(const double* x, v8d& v) { std::memcpy(&v, x, sizeof(v)); }
+
+#if defined(__AVX512F__)
+inline void load8(const float* x, v8d& v) { v = (v8d)_mm512_cvtps_pd(_mm256_loadu_ps(x)); }
+
+inline void load8(const uint16_t* x, v8d& v) {  // bfloat16: the high half of a float
+  const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16);
+  v = (v8d)_mm512_cvtps_pd(_mm256_castsi256_ps(u));
+}
+#else
+inline void load8(const float* x, v8d& v) {
+  v8f f;
+  std::memcpy(&f, x, sizeof(f));
+  v = __builtin_convertvector(f, v8d);
+}
+
+inline void load8(const uint16_t* x, v8d& v) {  // bfloat16: the high half of a float
+  v8h h;
+  std::memcpy(&h, x, sizeof(h));
+  const v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  std::memcpy(&f, &u, sizeof(f));
+  v = __builtin_convertvector(f, v8d);
+}
+#endif
+
+// acc += v * v. The square of a widened float or bfloat16 is exact, so a fused multiply-add gives the
+// same bits as the multiplication and the addition; a double's square is rounded, and keeps the two.
+template <typename T>
+inline void add_square(v8d& acc, const v8d& v) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+    acc = (v8d)_mm512_fmadd_pd((__m512d)v, (__m512d)v, (__m512d)acc);
+    return;
+  }
+#endif
+  acc += v * v;
+}
+
+inline double widen(double x) { return x; }
+inline double widen(float x) { return double(x); }
+inline double widen(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return double(f);
+}
+
+template <typename T>
+double chunk_sumsq(const T* __restrict x, int64_t n) {
+  constexpr int NV = NORM_LANES / 8;
+  v8d acc[NV] = {};
+  int64_t j = 0;
+  for (; j + NORM_LANES <= n; j += NORM_LANES) {
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) {
+      v8d v;
+      load8(x + j + 8 * u, v);
+      add_square<T>(acc[u], v);
+    }
+  }
+  double s[NORM_LANES];
+  std::memcpy(s, acc, sizeof(s));
+  for (int k = 0; j + k < n; ++k) {
+    const double v = widen(x[j + k]);
+    s[k] += v * v;
+  }
+  for (int w = NORM_LANES / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) s[k] += s[k + w];
+  }
+  return s[0];
+}
+
+inline int64_t norm_chunks(int64_t n) { return (n + NORM_CHUNK - 1) / NORM_CHUNK; }
+
+inline double sumsq_at(int dtype, const void* base, int64_t begin, int64_t n) {
+  switch (static_cast<Elem>(dtype)) {
+    case Elem::F32: return chunk_sumsq(static_cast<const float*>(base) + begin, n);
+    case Elem::F64: return chunk_sumsq(static_cast<const double*>(base) + begin, n);
+    default: return chunk_sumsq(static_cast<const uint16_t*>(base) + begin, n);
+  }
+}
 
 }  // namespace
 
 extern "C" {
 
-int danlu_abi_version() { return 6; }
+int danlu_abi_version() { return 7; }
+
+// The sum of squares of each of nt tensors (dtypes: an Elem each) into out, in double; chunks of the
+// tensors spread over nthreads, with the same result for any thread count. Returns 0, or -1 for an
+// unknown dtype (nothing written then).
+int danlu_sum_squares(int64_t nt, const int64_t* numel, void* const* ptrs, const int* dtypes, int nthreads, double* out) {
+  std::vector<int64_t> first(nt + 1, 0);
+  for (int64_t i = 0; i < nt; ++i) {
+    if (dtypes[i] < 0 || dtypes[i] > I(Elem::BF16)) return -1;
+    first[i + 1] = first[i] + norm_chunks(numel[i]);
+  }
+  const int64_t total = first[nt];
+  std::vector<double> part(total);
+  int64_t tensor = 0;  // the tensor of chunk 0; each thread walks forward from its own
+#pragma omp parallel for num_threads(nthreads) schedule(static) firstprivate(tensor) if (nthreads > 1 && total > 1)
+  for (int64_t c = 0; c < total; ++c) {
+    if (c >= first[tensor + 1] || c < first[tensor]) {
+      tensor = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    }
+    const int64_t begin = (c - first[tensor]) * NORM_CHUNK;
+    part[c] = sumsq_at(dtypes[tensor], ptrs[tensor], begin, std::min(NORM_CHUNK, numel[tensor] - begin));
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    double s = 0;
+    for (int64_t c = first[i]; c < first[i + 1]; ++c) s += part[c];
+    out[i] = s;
+  }
+  return 0;
+}
 
 // A STREAM-like bandwidth probe with Adam's access pattern: reads a, b, c, d and writes a, c, d
 // (7 transfers per element); s = 0 leaves the values as they are.

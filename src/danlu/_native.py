@@ -44,7 +44,7 @@ __all__ = ["load", "available", "build_seconds", "disable", "enable", "status"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _SOURCE = _PACKAGE / rules.SOURCE_NAME
-_ABI = 6
+_ABI = 7
 _lock = threading.Lock()
 _setting = os.environ.get("DANLU_NATIVE", "1").strip().lower()
 _background = _setting == "background"
@@ -113,6 +113,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.danlu_scale.argtypes = [ctypes.c_int64, vp, vp, vp]
     lib.danlu_adafactor.restype = ctypes.c_int
     lib.danlu_adafactor.argtypes = [ctypes.c_int, ctypes.c_int64, vp, vp, vp, vp, ctypes.c_int]
+    lib.danlu_sum_squares.restype = ctypes.c_int
+    lib.danlu_sum_squares.argtypes = [ctypes.c_int64, vp, vp, vp, ctypes.c_int, vp]
     if lib.danlu_abi_version() != _ABI:
         raise RuntimeError("stale danlu kernel library")
     return lib

@@ -81,22 +81,26 @@ class GradientAccumulation(Derivation):
         sync = sync_group(host)
         defer = sync is None and not host._has_gradient_hooks()  # a gradient hook needs the mean formed first
         buffers: list[Tensor] = []
+        deferred: list[tuple[int, Tensor]] = []
         means: list[Tensor] = []
         for group in groups:
             for p in group["params"]:
                 buffer = host.state[p].get(BUFFER)
                 if buffer is None and p.grad is None:
                     continue
+                if buffer is not None and defer and host._defer_mean(ctx, group, p, buffer, steps):
+                    # averaged and cleared inside the base optimizer's native pass (where the generic
+                    # path takes it instead, danlu._fused.settle_gradients clears it after the step)
+                    deferred.append((id(p), buffer))
+                    continue
                 if buffer is not None:
                     buffers.append(buffer)
-                if buffer is not None and defer and host._defer_mean(ctx, group, p, buffer, steps):
-                    continue  # averaged (and the buffer cleared) inside the base optimizer's native pass
                 mean = _mean_gradient(p, buffer, steps)
                 ctx.replace(p, mean)
                 means.append(mean)
         if sync is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
             all_reduce_mean_(means, sync)
-        ctx.cleanup.append(lambda failed: _clear(buffers, failed))
+        ctx.cleanup.append(lambda failed: _clear(buffers, failed, ctx, deferred))
         return True
 
     def _buffer(self, host: DerivationHost) -> None:
@@ -136,9 +140,15 @@ class GradientAccumulation(Derivation):
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p))
 
 
-def _clear(buffers: list[Tensor], failed: bool) -> None:
-    if not failed and buffers:
+def _clear(buffers: list[Tensor], failed: bool, ctx: StepContext, deferred: list[tuple[int, Tensor]]) -> None:
+    """Zero the buffers after a step; those whose mean a native pass formed are zero already (one pass less)."""
+    if failed:
+        return
+    if buffers:
         torch._foreach_zero_(buffers)
+    for key, buffer in deferred:
+        if ctx.pending_means.pop(key, None) is not None:  # a deferred mean that no pass took
+            buffer.zero_()
 
 
 def _clear_where(buffers: list[Tensor], applies: Tensor) -> None:

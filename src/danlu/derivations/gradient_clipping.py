@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from danlu import _native
 from danlu._distributed import any_dtensor, whole_norms
 from danlu._native_spec import NoTensorWork
 from danlu._validate import check_number
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["GradientClipping", "MODES"]
 
 MODES = ("global_clipnorm", "clipnorm", "clipvalue")
+_DTYPE, _LAYOUT, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("layout"), operator.attrgetter("is_cpu")
 """The three options, of which exactly one is set (Keras' optimizer arguments)."""
 
 
@@ -38,7 +42,9 @@ class GradientClipping(Derivation):
     It acts on the gradient the applied step uses: under gradient accumulation the mean of the
     buffered gradients, in either composition order (clipping each micro-batch instead is the
     classic accumulation bug). Norms are taken over whole tensors, also when they are FSDP2 shards;
-    under DDP the gradients are already reduced. The caller's ``p.grad`` is never modified: the factor
+    under DDP the gradients are already reduced. On CPU, danlu's native kernels sum the squares of
+    every gradient in one pass, in double (the same bits for any thread count and instruction set),
+    and round each tensor's norm to its dtype; elsewhere ``torch._foreach_norm`` takes them. The caller's ``p.grad`` is never modified: the factor
     is handed to the base step, and danlu's native kernels fold it into their gradient coefficient.
 
     ``opt.grad_norm`` is the global norm before clipping of the last applied step (a 0-d tensor, as
@@ -98,8 +104,10 @@ class GradientClipping(Derivation):
         if not pairs:
             return None
         grads = [_scaled(ctx, p) for _, p in pairs]
-        norms = whole_norms(grads, _norm_dtype(grads))
-        total = torch.linalg.vector_norm(torch.stack(norms).sort().values)  # sorted: the same bits in any parameter order
+        stacked = _native_norms(grads, host.param_groups)
+        if stacked is None:
+            stacked = torch.stack(whole_norms(grads, _norm_dtype(grads)))
+        total = torch.linalg.vector_norm(stacked.sort().values)  # sorted: the same bits in any parameter order
         if not _is_compiling() and not bool(torch.isfinite(total)):
             return _nonfinite(host, total)
         host.grad_norm = total  # type: ignore[attr-defined]
@@ -111,7 +119,7 @@ class GradientClipping(Derivation):
             for _, p in pairs:
                 ctx.scale(p, factor)
         elif mode == "clipnorm":
-            for (group, p), grad, norm in zip(pairs, grads, norms):
+            for (group, p), grad, norm in zip(pairs, grads, stacked.unbind()):
                 limit = group["clipnorm"]
                 ctx.scale(p, _for_gradients(limit / torch.clamp(norm, min=limit), [grad]))
         else:
@@ -141,6 +149,54 @@ def _scaled(ctx: StepContext, p: Tensor) -> Tensor:
 
 def _norm_dtype(grads: list[Tensor]) -> torch.dtype:
     return torch.float64 if any(g.dtype in (torch.float64, torch.complex128) for g in grads) else torch.float32
+
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # the kernels' element codes
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _native_norms(grads: list[Tensor], groups: list[dict[str, Any]]) -> Tensor | None:
+    """The tensors' 2-norms (1-D, in :func:`_norm_dtype`) from the native kernels' sums of squares, or None.
+
+    Taken where the native path would be (the kernels loaded, not under ``torch.compile``, no group
+    with ``foreach`` set) and every gradient is a plain, dense, contiguous CPU tensor of float32,
+    float64 or bfloat16. Each sum is exact up to double additions; its root is rounded to the
+    gradient's dtype, as the norm of ``torch._foreach_norm`` is, and then to the common dtype.
+    """
+    if _is_compiling() or any(group.get("foreach") is not None for group in groups):
+        return None
+    lib = _native.load()
+    if lib is None or not _native_ok(grads):
+        return None
+    n = len(grads)
+    ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=n)
+    numel = np.fromiter(map(Tensor.numel, grads), dtype=np.int64, count=n)
+    codes = np.fromiter((_NATIVE_DTYPES[g.dtype] for g in grads), dtype=np.int32, count=n)
+    sums = np.empty(n, dtype=np.float64)
+    if lib.danlu_sum_squares(n, _addr(numel), _addr(ptrs), _addr(codes), torch.get_num_threads(), _addr(sums)) != 0:
+        raise RuntimeError("danlu native kernel failed (sum of squares)")  # pragma: no cover - only known dtypes are sent
+    norms = torch.from_numpy(sums).sqrt_()
+    dtypes = set(map(_DTYPE, grads))
+    if len(dtypes) == 1:
+        return norms.to(dtypes.pop()).to(_norm_dtype(grads))
+    for dtype in dtypes - {torch.float64}:
+        rows = torch.from_numpy(codes == _NATIVE_DTYPES[dtype])
+        norms[rows] = norms[rows].to(dtype).double()
+    return norms.to(_norm_dtype(grads))
+
+
+def _native_ok(grads: list[Tensor]) -> bool:
+    return (
+        set(map(type, grads)) <= _PLAIN
+        and set(map(_DTYPE, grads)) <= _NATIVE_DTYPES.keys()
+        and all(map(_IS_CPU, grads))
+        and set(map(_LAYOUT, grads)) == {torch.strided}
+        and all(map(Tensor.is_contiguous, grads))
+    )
+
+
+def _addr(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 def _for_gradients(factor: Tensor, grads: list[Tensor]) -> Any:
