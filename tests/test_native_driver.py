@@ -291,6 +291,66 @@ def test_layer_adaptation_with_accumulation_lookahead_and_ema(base, kw):
 
 
 @needs_native
+def test_the_steady_path_takes_the_accumulated_means_and_notices_what_changed(monkeypatch):
+    """From the second applying call on, a group defers its means at once and runs the steady pass; a
+    replaced buffer, a non-contiguous gradient and a steady pass refused after the deferral are seen."""
+    cls = danlu.extend_with_gradient_accumulation(danlu.AdamW)
+    fast, ref, a, b = _pair(cls, torch.float64, lr=0.01, weight_decay_rate=0.1, grad_accum_steps=2)
+    per_tensor: list[int] = []
+    steady: list[bool] = []
+    refuse = [False]
+    defer_mean, steady_run = _fused.defer_mean, _fused._Plan.steady_run
+
+    def counted_defer_mean(opt: Any, *args: Any) -> bool:
+        if opt is a:
+            per_tensor.append(1)
+        return defer_mean(opt, *args)
+
+    def recorded_steady_run(plan: Any, *args: Any) -> bool:
+        done = not refuse[0] and steady_run(plan, *args)  # (the reference optimizer has no plan)
+        refuse[0] = False
+        steady.append(done)
+        return done
+
+    monkeypatch.setattr(_fused, "defer_mean", counted_defer_mean)
+    monkeypatch.setattr(_fused._Plan, "steady_run", recorded_steady_run)
+
+    def call(c: int, *, transposed: bool = False) -> tuple[int, list[bool]]:
+        per_tensor.clear()
+        steady.clear()
+        gen = torch.Generator().manual_seed(70 + c)
+        for p, q in zip(fast, ref):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if transposed and g.dim() == 2:
+                g = g.t().contiguous().t()  # same values, non-contiguous
+            p.grad, q.grad = g, g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(fast, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+            for key in b.state[q]:
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-12)
+        if c % 2:
+            assert all(torch.count_nonzero(a.state[p]["accum.grad"]) == 0 for p in fast)
+        return len(per_tensor), steady.copy()
+
+    for c in range(2):
+        call(c)  # the first applying call defers per tensor and builds the plan
+    assert call(2) == (0, [])
+    assert call(3) == (0, [True])  # one deferral for the group, no per-tensor one
+    call(4)
+    a.state[fast[0]]["accum.grad"] = a.state[fast[0]]["accum.grad"].clone()
+    assert call(5) == (0, [True])  # the new buffer's sum is in the mean (the comparison says so)
+    call(6)
+    assert call(7, transposed=True) == (3, [])  # a gradient the kernels cannot read: per tensor
+    call(8)
+    refuse[0] = True
+    assert call(9) == (0, [False])  # deferred for the group, then taken one by one by the general path
+    call(10)
+    assert call(11) == (0, [True])
+
+
+@needs_native
 def test_steady_path_notices_what_changed():
     """Once a group runs without per-tensor Python, new gradient tensors, a non-contiguous gradient, a
     replaced state tensor, a parameter given new storage and a changed option are all seen."""

@@ -31,6 +31,8 @@ class StepContext:
         scales: ``id(p) -> factor`` by which the gradient of ``p`` is multiplied for this step.
         pending_means: ``id(p) -> (buffer, k)``: accumulated gradients whose mean ``(p.grad + buffer) / k``
             the native kernel forms in its pass (it clears the buffer and leaves ``p.grad`` alone).
+        pending_groups: ``id(group) -> (buffers, buffer pointers, k)``: the same for every tensor of a group,
+            recorded once for the group (the buffers in the order of ``group["params"]``).
         fused_after: ``(derivation index, id(group)) -> ids of parameters`` whose ``after_step`` the
             native kernel already did (Lookahead's sync, EMA).
         cleanup: callables run once the step has finished, succeeded or not (argument: failed).
@@ -50,6 +52,7 @@ class StepContext:
         "grads",
         "host",
         "lr_scales",
+        "pending_groups",
         "pending_means",
         "replaced",
         "scales",
@@ -61,6 +64,7 @@ class StepContext:
         self.replaced: dict[int, Tensor] = {}
         self.scales: dict[int, Any] = {}
         self.pending_means: dict[int, tuple[Tensor, int]] = {}
+        self.pending_groups: dict[int, tuple[list[Tensor], Any, int]] = {}
         self.fused_after: dict[tuple[int, int], set[int]] = {}
         self.cleanup: list[Any] = []
         self.applies: Tensor | None = None

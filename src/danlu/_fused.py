@@ -65,6 +65,7 @@ __all__ = [
     "group_step",
     "steady_step",
     "defer_mean",
+    "defer_group_means",
     "native_kind",
     "settle_gradients",
     "advance_steps",
@@ -201,6 +202,35 @@ def defer_mean(opt: Any, ctx: StepContext, group: dict[str, Any], p: Tensor, buf
     return True
 
 
+def defer_group_means(opt: Any, ctx: StepContext, group: dict[str, Any], key: str, steps: int) -> bool:
+    """Whether every tensor of ``group`` can leave its accumulated mean (buffer ``state[p][key]``) to one steady pass.
+
+    Then it is recorded once for the group (``ctx.pending_groups``): the group has a steady plan that
+    takes all its tensors, every gradient is one the kernels read and every buffer is like its
+    parameter, so the tensors are those :func:`defer_mean` would take one by one.
+    """
+    spec = spec_for(opt)
+    if spec is None or not spec.accumulate or _is_compiling():
+        return False
+    plans = opt.__dict__.get(PLANS)
+    plan = plans.get(id(group)) if plans else None
+    if plan is None or plan.steady is None or native_kind(opt, group) != "native":
+        return False
+    found = plan.accumulation_buffers(group, key, ctx.group_gradients(group))
+    if found is None:
+        return False
+    ctx.pending_groups[id(group)] = (*found, steps)
+    return True
+
+
+def _defer_per_tensor(ctx: StepContext, group: dict[str, Any]) -> None:
+    """A group whose means were deferred for the steady pass takes the general path: defer them one by one."""
+    entry = ctx.pending_groups.pop(id(group), None)
+    if entry is not None:
+        buffers, _, steps = entry
+        ctx.pending_means.update(zip(map(id, group["params"]), zip(buffers, repeat(steps))))
+
+
 def settle_gradients(ctx: StepContext, params: Sequence[Tensor], grads: list[Tensor]) -> list[Tensor]:
     """The gradients of the tensors left to the generic path, with deferred means formed and scales applied.
 
@@ -303,10 +333,12 @@ def steady_step(opt: Any, ctx: StepContext, group: dict[str, Any], lr_scale: flo
     """
     plans = opt.__dict__.get(PLANS)
     plan = plans.get(id(group)) if plans else None
-    if plan is None or plan.steady is None or ctx.replaced or ctx.pending_means or _is_compiling():
-        return False
-    lib = _native.load()
-    return lib is not None and plan.steady_run(lib, opt, ctx, group, lr_scale)
+    if plan is not None and plan.steady is not None and not (ctx.replaced or ctx.pending_means or _is_compiling()):
+        lib = _native.load()
+        if lib is not None and plan.steady_run(lib, opt, ctx, group, lr_scale):
+            return True
+    _defer_per_tensor(ctx, group)
+    return False
 
 
 def _group_signature(stack: _Stack, group: dict[str, Any]) -> tuple[Any, ...]:
@@ -392,6 +424,7 @@ class _Plan:
         self.min_lr = next((f.min_lr for _, f in stack.transforms if isinstance(f, TrustRatio)), 0.0)
         self.grad_refs: list[weakref.ref[Tensor]] = []
         self.steady: list[Tensor] | None = None  # the group's tensors once a step took them all (steady_run)
+        self.accum: tuple[str, list[Any], Any] | None = None  # (state key, buffers, their pointers), checked
 
     def _tensor(
         self,
@@ -465,6 +498,7 @@ class _Plan:
             return False
         if not self.valid():
             return False
+        accum = ctx.pending_groups.pop(id(group), None)
         values = np.empty(n, dtype=np.float64)
         lib.danlu_increment(n, _addr(self.counters), _addr(values))
         steps = values.tolist()
@@ -474,8 +508,28 @@ class _Plan:
         else:
             by_step: dict[float, float] = {}
             lrs = [by_step.setdefault(t, opt._effective_lr(group, state, t) * lr_scale) for state, t in zip(states, steps)]
-        self.run(ctx, group, params, states, lrs, steps)
+        self.run(ctx, group, params, states, lrs, steps, accum)
         return True
+
+    def accumulation_buffers(self, group: dict[str, Any], key: str, grads: list[Any]) -> tuple[list[Any], Any] | None:
+        """The buffers ``state[p][key]`` of the steady tensors and their pointers, if the kernels take them all."""
+        steady = self.steady
+        assert steady is not None
+        params = group["params"]
+        if len(params) != len(steady) or not all(map(operator.is_, params, steady)):
+            return None
+        if not all(map(operator.is_not, grads, repeat(None))):
+            return None
+        if not all(map(operator.is_, grads, map(weakref.ref.__call__, self.grad_refs))) and self.take(grads) is None:
+            return None
+        buffers: list[Any] = list(map(dict.get, self.states, repeat(key)))
+        cached = self.accum
+        # checked as the other state entries are: by identity
+        if cached is None or cached[0] != key or not all(map(operator.is_, buffers, cached[1])):
+            if not all(map(_dense_like, buffers, self.params)):
+                return None
+            cached = self.accum = (key, buffers, np.fromiter(map(Tensor.data_ptr, buffers), dtype=np.int64, count=len(buffers)))
+        return cached[1], cached[2]
 
     def valid(self) -> bool:
         ptrs = np.fromiter(map(Tensor.data_ptr, self.params), dtype=np.int64, count=len(self.params))
@@ -488,17 +542,21 @@ class _Plan:
     def take(self, grads: list[Tensor]) -> list[int] | None:
         """Point the rows at this step's gradients; None if one of them cannot be read by the kernels."""
         chosen = [grads[i] for i in self.chosen] if len(self.chosen) != len(grads) else grads
-        if chosen and not (
-            set(map(type, chosen)) <= _PLAIN_SET
-            and set(map(_DTYPE, chosen)) == {self.params[0].dtype}
-            and set(map(_LAYOUT, chosen)) == {torch.strided}
-            and all(map(_IS_CPU, chosen))
-            and all(map(Tensor.is_contiguous, chosen))
-        ):
+        if chosen and not self._readable(chosen):
             return None
         self.grad_refs = list(map(weakref.ref, chosen))  # weak: a step must not keep old gradients alive
         self.ptrs[:, Slot.GRAD] = np.fromiter(map(Tensor.data_ptr, chosen), dtype=np.int64, count=len(chosen))
         return self.chosen
+
+    def _readable(self, grads: list[Tensor]) -> bool:
+        """Whether the kernels read these gradients of the chosen tensors: plain, dense, contiguous CPU ones of their dtype."""
+        return (
+            set(map(type, grads)) <= _PLAIN_SET
+            and set(map(_DTYPE, grads)) == {self.params[0].dtype}
+            and set(map(_LAYOUT, grads)) == {torch.strided}
+            and all(map(_IS_CPU, grads))
+            and all(map(Tensor.is_contiguous, grads))
+        )
 
     def run(
         self,
@@ -508,7 +566,9 @@ class _Plan:
         states: list[dict[str, Any]],
         lrs: list[float],
         steps: list[float],
+        accum: tuple[list[Any], Any, int] | None = None,
     ) -> None:
+        """One kernel call for the chosen tensors; ``accum`` (buffers, pointers, k): every row forms its accumulated mean."""
         n = len(self.chosen)
         if n == 0:
             return
@@ -523,6 +583,11 @@ class _Plan:
         for _, _, fusion in self.stack.after:
             coef[:, fusion.column] = fusion.weight(group)
         touched = self._pending(ctx, modes, coef)
+        if accum is not None:
+            self.ptrs[:, Slot.ACCUM] = accum[1]
+            modes |= int(Mode.ACCUM)
+            coef[:, Col.ACCUM_K] = accum[2]
+            touched = True
         if ctx.scales:
             for row, p in enumerate(self.params):
                 scale = ctx.scales.get(id(p))

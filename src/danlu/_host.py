@@ -257,6 +257,10 @@ class DerivationHost(torch.optim.Optimizer):
         """Whether the base step forms ``p``'s accumulated mean itself (in its native pass)."""
         return False
 
+    def _defer_group_means(self, ctx: StepContext, group: dict[str, Any], key: str, steps: int) -> bool:
+        """Whether the base step forms the accumulated mean of every tensor of ``group`` (buffers ``state[p][key]``) in one pass."""
+        return False
+
     def _has_gradient_hooks(self) -> bool:
         return any(d.has_gradient_hook for d in self._danlu_derivations)
 

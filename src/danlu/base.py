@@ -184,6 +184,9 @@ class DanluOptimizer(DerivationHost):
     def _defer_mean(self, ctx: StepContext, group: dict[str, Any], p: Tensor, buffer: Tensor, steps: int) -> bool:
         return _fused.defer_mean(self, ctx, group, p, buffer, steps)
 
+    def _defer_group_means(self, ctx: StepContext, group: dict[str, Any], key: str, steps: int) -> bool:
+        return _fused.defer_group_means(self, ctx, group, key, steps)
+
     def _init_missing_base_state(self, params: list[Tensor]) -> None:
         chosen = {id(p) for p in params}
         for group in self.param_groups:

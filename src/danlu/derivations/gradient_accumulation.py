@@ -82,8 +82,12 @@ class GradientAccumulation(Derivation):
         defer = sync is None and not host._has_gradient_hooks()  # a gradient hook needs the mean formed first
         buffers: list[Tensor] = []
         deferred: list[tuple[int, Tensor]] = []
+        grouped: list[tuple[dict[str, Any], list[Tensor]]] = []
         means: list[Tensor] = []
         for group in groups:
+            if defer and host._defer_group_means(ctx, group, BUFFER, steps):  # every tensor at once (the steady pass)
+                grouped.append((group, ctx.pending_groups[id(group)][0]))
+                continue
             for p in group["params"]:
                 buffer = host.state[p].get(BUFFER)
                 if buffer is None and p.grad is None:
@@ -100,7 +104,7 @@ class GradientAccumulation(Derivation):
                 means.append(mean)
         if sync is not None:  # the gradients were left unsynchronized (danlu.distributed.sync_on_apply)
             all_reduce_mean_(means, sync)
-        ctx.cleanup.append(lambda failed: _clear(buffers, failed, ctx, deferred))
+        ctx.cleanup.append(lambda failed: _clear(buffers, failed, ctx, deferred, grouped))
         return True
 
     def _buffer(self, host: DerivationHost) -> None:
@@ -140,10 +144,21 @@ class GradientAccumulation(Derivation):
                 self.zeros_state(host, p, BUFFER, _buffer_dtype(p))
 
 
-def _clear(buffers: list[Tensor], failed: bool, ctx: StepContext, deferred: list[tuple[int, Tensor]]) -> None:
+def _clear(
+    buffers: list[Tensor],
+    failed: bool,
+    ctx: StepContext,
+    deferred: list[tuple[int, Tensor]],
+    grouped: list[tuple[dict[str, Any], list[Tensor]]],
+) -> None:
     """Zero the buffers after a step; those whose mean a native pass formed are zero already (one pass less)."""
     if failed:
         return
+    for group, group_buffers in grouped:
+        if ctx.pending_groups.pop(id(group), None) is not None:  # a group's deferred means that no pass took
+            buffers = [*buffers, *group_buffers]
+        elif ctx.pending_means:  # the group took the general path, its means deferred one by one
+            deferred = [*deferred, *zip(map(id, group["params"]), group_buffers)]
     if buffers:
         torch._foreach_zero_(buffers)
     for key, buffer in deferred:
