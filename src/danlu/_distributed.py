@@ -39,6 +39,7 @@ __all__ = [
     "zeros_reduced",
     "whole_norms",
     "all_finite",
+    "nonfinite_flag",
     "all_zero",
     "all_reduce_mean_",
     "sync_group",
@@ -206,6 +207,11 @@ def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
     for DTensors combines the verdicts of all shards with one all-reduce per device mesh (and over
     ``group`` too, when the gradients of plain tensors are not synchronized).
     """
+    return bool(nonfinite_flag(tensors, group).item() == 0)
+
+
+def nonfinite_flag(tensors: Sequence[Tensor], group: Any = None) -> Tensor:
+    """:func:`all_finite` as a 0-dim float32 CPU tensor, without a host read: 0 if every element is finite, else 1."""
     locals_: list[Tensor] = []
     meshes: dict[int, Any] = {}
     for t in tensors:
@@ -242,4 +248,4 @@ def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
         flag = bad.to(device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         bad = flag.cpu()
-    return bool(bad.item() == 0)
+    return bad
