@@ -203,7 +203,7 @@ STACK_CASES = [
     Case("clipping+weight_decay+ema/torch.optim.SGD, two groups", _foreign_clipping),
     Case("accumulation+lookahead/a base without _init_group", _foreign_without_init_group),
     Case("skip_nonfinite+clipvalue/AdamW", _skip_clipping, nonfinite=NONFINITE),
-    Case("skip_nonfinite/torch.optim.AdamW", _plain(D.extend_with_skip_nonfinite(torch.optim.AdamW), lr=0.01), nonfinite=NONFINITE),
+    Case("skip_nonfinite/torch.optim.AdamW", _plain(D.extend_with_skip_nonfinite(torch.optim.AdamW), lr=0.01), nonfinite=(0, 7, 8, 13)),
     Case("skip_nonfinite+ema+lookahead+accumulation+clipping/AdamW", _skip_deep, nonfinite=NONFINITE),
     Case("schedule_free/SGD", _schedule_free_sgd),
     Case("schedule_free/AdamW", _schedule_free_adamw),
@@ -339,14 +339,18 @@ def test_compiled_step_traces_once_and_matches_eager(case: Case) -> None:
     _check(case, "eager")
 
 
-@pytest.mark.parametrize("case", [STACK_CASES[0], STACK_CASES[2]], ids=lambda c: c.id)
+AOT_CASES = [STACK_CASES[0], STACK_CASES[2], *(c for c in STACK_CASES if c.id in ("skip_nonfinite+ema+lookahead+accumulation+clipping/AdamW", "schedule_free/AdamW"))]
+
+
+@pytest.mark.parametrize("case", AOT_CASES, ids=lambda c: c.id)
 def test_compiled_step_through_aot_eager(case: Case) -> None:
     _check(case, "aot_eager")
 
 
 @pytest.mark.skipif(not os.environ.get("DANLU_SLOW_TESTS"), reason="inductor compile takes minutes here; DANLU_SLOW_TESTS=1")
-def test_compiled_step_through_inductor() -> None:
-    _check(STACK_CASES[0], "inductor")
+@pytest.mark.parametrize("case", [AOT_CASES[0], *AOT_CASES[2:]], ids=lambda c: c.id)
+def test_compiled_step_through_inductor(case: Case) -> None:
+    _check(case, "inductor")
 
 
 def test_torch_baseline_is_what_the_limits_compare_with() -> None:
@@ -627,3 +631,27 @@ def test_schedule_free_eval_train_switch_costs_no_recompile_and_step_in_eval_mod
     _assert_same_state(before, _state_copy(opt))
     assert all(torch.equal(p, w) for (_, p), w in zip(named, weights))
     torch._dynamo.reset()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="traced clipping does not drop a step whose global norm overflows (finite gradients): its factor c/inf = 0 "
+    "zeroes the gradients and the step is applied; eager drops it and skip_nonfinite counts it",
+)
+def test_clipping_norm_overflow_under_compile_is_dropped_and_counted_as_in_eager() -> None:
+    def run(compiled: bool) -> tuple[torch.Tensor, int, int]:
+        torch._dynamo.reset()
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = D.extend_with_skip_nonfinite(D.extend_with_gradient_clipping(D.Adam))([w], lr=0.1, global_clipnorm=1.0)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        for value in (1.0, 3e38, 1.0):  # 3e38 is finite; the float32 norm of four of them is not
+            w.grad = torch.full((4,), value)
+            step()
+        torch._dynamo.reset()
+        group = opt.param_groups[0]
+        return w.detach().clone(), int(group["nonfinite_skips"]), int(group["applied_steps"])
+
+    eager, compiled = run(False), run(True)
+    assert eager[1:] == (1, 2)
+    assert compiled[1:] == eager[1:]
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
