@@ -202,7 +202,8 @@ def all_zero(tensors: Sequence[Tensor]) -> bool:
 def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
     """True if every element of every tensor is finite, decided identically on every process.
 
-    Checks each tensor's local values (a sparse tensor's values) with one max-norm per tensor
+    Checks each tensor's local values (a sparse tensor's values) with one pass per tensor, its
+    minimum and maximum on the CPU and one fused infinity norm per (device, dtype) elsewhere
     (``inf`` and ``nan`` propagate; finite 16-bit values never overflow an infinity norm), and
     for DTensors combines the verdicts of all shards with one all-reduce per device mesh (and over
     ``group`` too, when the gradients of plain tensors are not synchronized).
@@ -229,6 +230,11 @@ def nonfinite_flag(tensors: Sequence[Tensor], group: Any = None) -> Tensor:
             buckets.setdefault((t.device, t.dtype), []).append(t)
         flags = []
         for bucket in buckets.values():
+            bucket = [torch.view_as_real(t) if t.is_complex() else t for t in bucket]  # |z| of finite parts may overflow
+            if bucket[0].device.type == "cpu":  # its min and max: an infinity norm on the CPU is ~15x slower
+                ends = [end for t in bucket for end in torch.aminmax(t)]
+                flags.append((~torch.stack(ends).isfinite()).any().float())
+                continue
             norms = torch._foreach_norm(bucket, float("inf"))
             flags.append((~torch.stack(norms).isfinite()).any().float().cpu())
         bad = torch.stack(flags).amax()
