@@ -211,6 +211,15 @@ STACK_CASES = [
     Case("ema+schedule_free/AdamW", _ema_over_schedule_free),
     Case("schedule_free+accumulation+piecewise/Adam", _schedule_free_accumulation),
     Case("schedule_free/AdamW, eval() and train() every 4 calls", _schedule_free_adamw, eval_every=4),
+    Case(
+        "schedule_free+lookahead/Adam",
+        _named(D.extend_with_schedule_free(D.extend_with_lookahead(D.Adam)), lr=0.02, steps_per_slow_update=3, **SF),
+    ),
+    Case(
+        "skip_nonfinite+schedule_free/SGD",
+        _plain(D.extend_with_skip_nonfinite(D.extend_with_schedule_free(D.SGD)), lr=0.1, momentum=0.9, **SF),
+        nonfinite=(0, 4, 5, 11),
+    ),
 ]
 
 
