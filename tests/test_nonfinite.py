@@ -224,3 +224,25 @@ def test_grad_scaler_skips_are_not_steps_for_any_derivation(spec: str) -> None:
     with opt.ema_weights(), ref_opt.ema_weights():
         for p, q in zip(net.parameters(), ref_net.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "skipped"),
+    [
+        (-math.inf, torch.float32, True),
+        (math.nan, torch.bfloat16, True),
+        (math.inf, torch.float16, True),
+        (65504.0, torch.float16, False),  # the largest finite float16
+        (complex(3e38, 3e38), torch.complex64, False),  # finite, though its magnitude is not a float32
+        (complex(1.0, math.nan), torch.complex64, True),
+    ],
+)
+def test_the_verdict_is_exact_for_every_dtype(value: Any, dtype: torch.dtype, skipped: bool) -> None:
+    w = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    opt = danlu.extend_with_skip_nonfinite(danlu.SGD)([w], lr=0.0)
+    grad = torch.zeros(5, dtype=dtype)
+    grad[3] = value
+    w.grad = grad
+    opt.step()
+    assert opt.param_groups[0][SKIPS] == int(skipped)
+    assert int(opt.param_groups[0]["calls"]) == int(not skipped)

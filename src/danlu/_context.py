@@ -38,7 +38,10 @@ class StepContext:
         cleanup: callables run once the step has finished, succeeded or not (argument: failed).
         applies: under ``torch.compile``, a 0-dim bool tensor where gradient accumulation decides
             whether this call applies a step (None: it does); see :class:`danlu._host._Gate`.
-        gate_exempt: ids of the tensors that a call which does not apply keeps as written (the buffers).
+        counts: under ``torch.compile``, a 0-dim bool tensor where a derivation's ``skip`` decides
+            whether this call counts at all (None: it does); a call that does not count changes nothing
+            but the skipping derivation's own counters.
+        gate_exempt: ids of the tensors that a call which counts but does not apply keeps as written (the buffers).
         dropped: whether a gradient hook dropped this step (nothing else changed).
         grads: ``id(group) -> [p.grad for p in group["params"]]`` as the eager step read them when it began.
     """
@@ -46,6 +49,7 @@ class StepContext:
     __slots__ = (
         "applies",
         "cleanup",
+        "counts",
         "dropped",
         "fused_after",
         "gate_exempt",
@@ -68,6 +72,7 @@ class StepContext:
         self.fused_after: dict[tuple[int, int], set[int]] = {}
         self.cleanup: list[Any] = []
         self.applies: Tensor | None = None
+        self.counts: Tensor | None = None
         self.gate_exempt: set[int] = set()
         self.dropped = False
         read = host._step_gradients() or []

@@ -39,6 +39,7 @@ __all__ = [
     "zeros_reduced",
     "whole_norms",
     "all_finite",
+    "nonfinite_flag",
     "all_zero",
     "all_reduce_mean_",
     "sync_group",
@@ -201,11 +202,17 @@ def all_zero(tensors: Sequence[Tensor]) -> bool:
 def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
     """True if every element of every tensor is finite, decided identically on every process.
 
-    Checks each tensor's local values (a sparse tensor's values) with one max-norm per tensor
+    Checks each tensor's local values (a sparse tensor's values) with one pass per tensor, its
+    minimum and maximum on the CPU and one fused infinity norm per (device, dtype) elsewhere
     (``inf`` and ``nan`` propagate; finite 16-bit values never overflow an infinity norm), and
     for DTensors combines the verdicts of all shards with one all-reduce per device mesh (and over
     ``group`` too, when the gradients of plain tensors are not synchronized).
     """
+    return bool(nonfinite_flag(tensors, group).item() == 0)
+
+
+def nonfinite_flag(tensors: Sequence[Tensor], group: Any = None) -> Tensor:
+    """:func:`all_finite` as a 0-dim float32 CPU tensor, without a host read: 0 if every element is finite, else 1."""
     locals_: list[Tensor] = []
     meshes: dict[int, Any] = {}
     for t in tensors:
@@ -223,6 +230,11 @@ def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
             buckets.setdefault((t.device, t.dtype), []).append(t)
         flags = []
         for bucket in buckets.values():
+            bucket = [torch.view_as_real(t) if t.is_complex() else t for t in bucket]  # |z| of finite parts may overflow
+            if bucket[0].device.type == "cpu":  # its min and max: an infinity norm on the CPU is ~15x slower
+                ends = [end for t in bucket for end in torch.aminmax(t)]
+                flags.append((~torch.stack(ends).isfinite()).any().float())
+                continue
             norms = torch._foreach_norm(bucket, float("inf"))
             flags.append((~torch.stack(norms).isfinite()).any().float().cpu())
         bad = torch.stack(flags).amax()
@@ -242,4 +254,4 @@ def all_finite(tensors: Sequence[Tensor], group: Any = None) -> bool:
         flag = bad.to(device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         bad = flag.cpu()
-    return bool(bad.item() == 0)
+    return bad

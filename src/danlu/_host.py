@@ -74,8 +74,9 @@ class DerivationHost(torch.optim.Optimizer):
         template = existing[0] if existing else {}
         for key in GROUP_COUNTERS:
             group[key] = as_counter(group.get(key, template.get(key, 0)))
-        for key in (c for d in self._danlu_derivations for c in d.counters):
-            group.setdefault(key, template.get(key, 0))
+        for derivation in self._danlu_derivations:
+            for key in derivation.counters:
+                group.setdefault(key, template.get(key, derivation.counter_starts.get(key, 0)))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the algorithm's hyperparameters of one group (danlu's optimizers override this)."""
@@ -117,6 +118,9 @@ class DerivationHost(torch.optim.Optimizer):
         if tracing and self._needs_eager_call():
             _eager_call(self)  # outside any block: a graph break inside one is counted twice
             return loss
+        if tracing:
+            for derivation in self._danlu_derivations:
+                derivation.traced_check(self)  # outside no_grad: a graph raising inside it would leave gradients off
         with torch.no_grad():
             if tracing:
                 self._traced_step()
@@ -199,7 +203,9 @@ class DerivationHost(torch.optim.Optimizer):
         """The step as ``torch.compile`` traces it: the hooks of :meth:`step`, branch-free on the counters.
 
         The lr check is left out (as in ``torch.optim``, whose step checks nothing: a Python check of a
-        traced lr would tie the graph to its value), and so is the rollback of a failed step.
+        traced lr would tie the graph to its value), and so is the rollback of a failed step. A call
+        that a derivation's ``skip`` may drop (a tensor verdict) or that gradient accumulation may only
+        buffer runs whole, and :class:`_Gate` then puts back what it must not have changed.
         """
         self._check_gradients()
         if not self._any_gradient():
@@ -211,29 +217,42 @@ class DerivationHost(torch.optim.Optimizer):
             return
         for derivation in derivations:
             derivation.check(self)
-        if any([d.skip(self) for d in derivations]):
+        verdicts = [d.skip(self) for d in derivations]
+        if any(v is True for v in verdicts):
             return
+        skips = [v for v in verdicts if isinstance(v, Tensor)]
+        gate = None
+        if skips:
+            ctx.counts = ~_any_of(skips)
+            own = {key for d, v in zip(derivations, verdicts) if isinstance(v, Tensor) for key in d.counters}
+            gate = _Gate(self, ctx, own)  # before accumulation writes its buffers: a skipped call keeps none of it
         for derivation in derivations:
             derivation.accumulate(self, ctx)  # under tracing it never withholds: it sets ctx.applies
-        gate = _Gate(self, ctx) if ctx.applies is not None else None
+        if gate is None and ctx.applies is not None:
+            gate = _Gate(self, ctx, set())
         if not all([d.transform_gradients(self, ctx) is not False for d in derivations]):
-            ctx.dropped = True  # as in the eager step; the gate is not closed: nothing but the buffers was written
-            self._count(CALLS)
-            ctx.finish(False)
+            ctx.dropped = True  # as in the eager step: nothing but the buffers was written
+            self._count(CALLS, ctx.counts)
+            self._close(ctx, gate)
             return
         ctx.lr_scales = [_product([d.lr_multiplier(g) for d in derivations]) for g in self.param_groups]
         for derivation in derivations:
             for group in self.param_groups:
                 derivation.prepare(self, group, group["params"])
         self._base_step(ctx)
-        self._count(CALLS)
-        self._count(APPLIED_STEPS, ctx.applies)
+        self._count(CALLS, ctx.counts)
+        self._count(APPLIED_STEPS, _all_of([ctx.applies, ctx.counts]))
         for derivation in derivations:
             for group in self.param_groups:
                 derivation.after_step(self, group, group["params"])
+        self._close(ctx, gate)
+
+    @staticmethod
+    def _close(ctx: StepContext, gate: _Gate | None) -> None:
+        """End a traced step: the cleanups (accumulation clears its buffers where it applied), then the gate."""
+        ctx.finish(False)
         if gate is not None:
             gate.close()
-        ctx.finish(False)
 
     def _finish_derivations(self, failed: bool) -> None:
         for derivation in self._danlu_derivations:
@@ -383,6 +402,24 @@ def _eager_call(host: DerivationHost) -> None:
             group["capturable"] = True
 
 
+def _any_of(flags: list[Tensor]) -> Tensor:
+    result = flags[0]
+    for flag in flags[1:]:
+        result = result | flag
+    return result
+
+
+def _all_of(flags: list[Tensor | None]) -> Tensor | None:
+    """The conjunction of the given 0-dim bool tensors, None for none (None entries are True)."""
+    chosen = [f for f in flags if f is not None]
+    if not chosen:
+        return None
+    result = chosen[0]
+    for flag in chosen[1:]:
+        result = result & flag
+    return result
+
+
 def _product(factors: list[Any]) -> Any:
     """The product of the lr multipliers (floats or 0-dim tensors); 1.0 for none."""
     result: Any = 1.0
@@ -392,38 +429,59 @@ def _product(factors: list[Any]) -> Any:
 
 
 class _Gate:
-    """Makes a traced call of gradient accumulation that only buffers change nothing but its buffers.
+    """Makes a traced call that must not apply a step change only what such a call changes.
 
-    The traced step runs the base optimizer and every derivation on every call; this keeps a copy
-    of each tensor that the call may write (the parameters with a gradient and their state, all
-    state being created first as the first step would) and, once the step is done, puts it back
-    where ``ctx.applies`` is False. State that a foreign base creates in the call itself starts from
-    zeros. The tensors in ``ctx.gate_exempt`` (the accumulation buffers) are left as the call wrote them.
+    The traced step runs the base optimizer and every derivation on every call. A call that gradient
+    accumulation only buffers (``ctx.applies`` False) must change nothing but its buffers; a call
+    that a derivation's ``skip`` drops (``ctx.counts`` False) nothing at all. This keeps a copy of
+    each tensor that the call may write (every parameter with a gradient or with state, and its
+    state, all state of the parameters with a gradient being created first as the first step would)
+    and of the derivations' group counters, and once the step is done puts them back where the call
+    does not apply. State that the call itself creates (a foreign base's, EMA's of a parameter
+    without a gradient) starts from zeros. The
+    tensors in ``ctx.gate_exempt`` (the accumulation buffers) are left as the call wrote them unless
+    the call does not count. The counters of the skipping derivations (``own``) are theirs to keep.
     """
 
-    __slots__ = ("applies", "host", "known", "saved")
+    __slots__ = ("counters", "ctx", "host", "known", "saved")
 
-    def __init__(self, host: DerivationHost, ctx: StepContext) -> None:
+    def __init__(self, host: DerivationHost, ctx: StepContext, own: set[str]) -> None:
         self.host = host
-        self.applies = ctx.applies
-        params = [p for _, p in ctx.params_with_gradient()]
-        host._init_traced_state(params)
-        self.known = [(host.state[p], set(host.state[p])) for p in params]
+        self.ctx = ctx
+        host._init_traced_state([p for _, p in ctx.params_with_gradient()])
+        every = [p for g in host.param_groups for p in g["params"]]
+        self.known = [(p, set(host.state.get(p, {}))) for p in every]  # .get: no entry made for a parameter without state
+        params = [p for p in every if ctx.gradient(p) is not None or host.state.get(p)]
         self.saved: list[tuple[Tensor, Tensor]] = []
         for p in params:
             self.saved.append((p, p.detach().clone()))
             for value in host.state[p].values():
-                if isinstance(value, Tensor) and id(value) not in ctx.gate_exempt:
+                if isinstance(value, Tensor) and (ctx.counts is not None or id(value) not in ctx.gate_exempt):
                     self.saved.append((value, value.clone()))
+        keys = [key for d in host._danlu_derivations for key in d.counters if key not in own]
+        self.counters = [(group, key, group[key]) for group in host.param_groups for key in keys if key in group]
 
     def close(self) -> None:
-        applies = self.applies
+        ctx = self.ctx
+        keep = _all_of([ctx.applies, ctx.counts])
+        if keep is None:
+            return
+        exempt = ctx.gate_exempt
         for tensor, old in self.saved:
-            tensor.copy_(torch.where(applies, tensor, old))
-        for state, keys in self.known:
-            for key, value in state.items():
+            if id(tensor) not in exempt:
+                tensor.copy_(torch.where(keep, tensor, old))
+            elif ctx.counts is not None:
+                tensor.copy_(torch.where(ctx.counts, tensor, old))
+        for p, keys in self.known:
+            for key, value in self.host.state.get(p, {}).items():
                 if key not in keys and isinstance(value, Tensor):
-                    value.copy_(torch.where(applies, value, torch.zeros_like(value)))
+                    kept = ctx.counts if id(value) in exempt else keep
+                    if kept is not None:
+                        value.copy_(torch.where(kept, value, torch.zeros_like(value)))
+        for group, key, old in self.counters:
+            value = group[key]
+            if isinstance(value, Tensor):
+                group[key] = torch.where(keep, value, torch.as_tensor(old, dtype=value.dtype))
 
 
 class _Undo:

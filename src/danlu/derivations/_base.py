@@ -107,6 +107,8 @@ class Derivation:
     """State keys every parameter of a group has once the group applied a step."""
     counters: ClassVar[tuple[str, ...]] = ()
     """Param-group keys of integer counters this derivation keeps (start at 0, saved in ``state_dict``)."""
+    counter_starts: ClassVar[dict[str, Any]] = {}
+    """The counters that start at another value than 0 (a flag: False)."""
     has_transform: ClassVar[bool] = False
     has_gradient_hook: ClassVar[bool] = False
     """Whether ``transform_gradients`` does anything (it then runs on every applied step)."""
@@ -130,8 +132,19 @@ class Derivation:
     def check(self, host: DerivationHost) -> None:
         """Called on every ``step()`` before anything changes: raise if the call cannot be taken."""
 
-    def skip(self, host: DerivationHost) -> bool:
-        """Called on every ``step()`` before every other hook; return True to drop the call (nothing changes)."""
+    def traced_check(self, host: DerivationHost) -> None:
+        """Under ``torch.compile``: the part of :meth:`check` that reads tensor values, as ``torch._assert_async``.
+
+        Runs in the graph before the step's ``no_grad`` block (a graph that raises inside one leaves
+        gradients disabled), so it raises before anything changes.
+        """
+
+    def skip(self, host: DerivationHost) -> bool | Tensor:
+        """Called on every ``step()`` before every other hook; return True to drop the call (nothing changes).
+
+        Under ``torch.compile`` it may return a 0-dim bool tensor instead: the traced step then runs on
+        and keeps nothing of the call where the tensor is True (see ``danlu._host._Gate``).
+        """
         return False
 
     def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:

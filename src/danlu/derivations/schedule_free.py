@@ -62,6 +62,10 @@ class ScheduleFree(Derivation):
     train mode (the package's wrappers start in eval mode and need a ``train()`` first; before the
     first step both modes hold the same weights). The mode is saved in ``state_dict``.
 
+    Under ``torch.compile`` the group entries ``schedule_free_lr_max`` and ``schedule_free_weight_sum``
+    (Python floats in eager steps) are 0-dim float64 tensors computed with tensor ops; the mode stays
+    a Python bool, which ``eval()`` and ``train()`` between steps leave as the compiled step saw it.
+
     State: :math:`z` and :math:`x` (``state[p]["schedule_free.z"]``, ``["schedule_free.x"]``), two
     parameter-sized tensors, float32 for 16-bit parameters; :math:`y` is the parameter itself. The
     base never sees them. Put Lookahead inside (``"adam+lookahead+schedule_free"``: it acts on
@@ -91,6 +95,8 @@ class ScheduleFree(Derivation):
     state_keys = (Z, X)
     required_state = (Z, X)
     counters = (EVAL, LR_MAX, WEIGHT_SUM)
+    counter_starts = {EVAL: False}
+    """A bool from the start: a traced step guards on the flag's type and value (an int 0 would cost a recompile)."""
     native = Surrounds()
     """The base's step runs on the native kernels; z goes in before the pass and y comes out after it. A
     Lookahead or EMA inside fuses into the pass (it acts on z); an EMA outside runs after, on y."""
@@ -104,6 +110,8 @@ class ScheduleFree(Derivation):
         for key in ("weight_lr_power", "average_power"):
             if key in options:
                 checked[key] = check_number(key, options[key], low=0.0)
+        if EVAL in options:  # a saved group: the flag as a bool (an int 0 in state dicts saved before any train() or eval())
+            checked[EVAL] = bool(options[EVAL])
         return checked
 
     def check(self, host: DerivationHost) -> None:
@@ -125,8 +133,12 @@ class ScheduleFree(Derivation):
 
     def prepare(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         """Record the step's lr and put z into the parameters: the base optimizer steps z."""
-        lr = _as_float(group.get("lr"))
-        lr *= math.prod(d.lr_multiplier(group) for d in host._danlu_derivations) * float(group.get("d", 1.0))
+        lr: Any
+        if torch.compiler.is_compiling():
+            lr = _traced_lr(host, group)
+        else:
+            lr = _as_float(group.get("lr"))
+            lr *= math.prod(d.lr_multiplier(group) for d in host._danlu_derivations) * float(group.get("d", 1.0))
         host.__dict__.setdefault(_STEP_LRS, {})[id(group)] = lr
         tracked = [p for p in params if p.grad is not None or Z in host.state.get(p, {})]
         for p in tracked:
@@ -135,16 +147,18 @@ class ScheduleFree(Derivation):
 
     def after_step(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
         lr = host.__dict__.get(_STEP_LRS, {}).pop(id(group), 0.0)
-        group[LR_MAX] = lr_max = max(lr, group[LR_MAX])
-        weight = int(group[APPLIED_STEPS]) ** group["average_power"] * lr_max ** group["weight_lr_power"]
-        group[WEIGHT_SUM] = weight_sum = group[WEIGHT_SUM] + weight
-        average_weight = weight / weight_sum if weight_sum > 0 else 0.0
         tracked = [p for p in params if Z in host.state.get(p, {})]
         zs = [host.state[p][Z] for p in tracked]
         xs = [host.state[p][X] for p in tracked]
         _copy(zs, tracked)
-        for bucket in by_device_and_dtype(xs):
-            torch._foreach_lerp_([xs[i] for i in bucket], [zs[i] for i in bucket], average_weight)
+        if torch.compiler.is_compiling():
+            traced_weight = _traced_average_weight(group, lr)
+            for x, z in zip(xs, zs):
+                x.lerp_(z, traced_weight.to(x.dtype))
+        else:
+            average_weight = _average_weight(group, lr)
+            for bucket in by_device_and_dtype(xs):
+                torch._foreach_lerp_([xs[i] for i in bucket], [zs[i] for i in bucket], average_weight)
         _put_y(tracked, xs, zs, group["schedule_free_momentum"])
 
     def accumulate(self, host: DerivationHost, ctx: StepContext) -> bool:
@@ -165,6 +179,45 @@ def _ensure_state(host: DerivationHost, group: Mapping[str, Any], p: Tensor) -> 
         dtype = wide_dtype(group, p)
         state[Z] = p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
         state[X] = p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
+
+
+def _average_weight(group: dict[str, Any], lr: float) -> float:
+    """Update the group's ``lr_max`` and ``weight_sum`` (Python floats) and return the step's weight of z in x."""
+    group[LR_MAX] = lr_max = max(lr, float(group[LR_MAX]))  # float(): a 0-dim tensor of a traced run's state dict
+    weight = int(group[APPLIED_STEPS]) ** group["average_power"] * lr_max ** group["weight_lr_power"]
+    group[WEIGHT_SUM] = weight_sum = float(group[WEIGHT_SUM]) + weight
+    return weight / weight_sum if weight_sum > 0 else 0.0
+
+
+def _traced_lr(host: DerivationHost, group: Mapping[str, Any]) -> Tensor:
+    """The step's effective lr as a 0-dim float64 tensor, as the eager step computes it (no ``.item()``, no ``float()``).
+
+    ``float()`` of the lr that dynamo makes a graph input (a changing Python float) would tie the
+    graph to its value; the lr multipliers are 0-dim tensors or floats.
+    """
+    lr = group.get("lr")
+    one = torch.ones((), dtype=torch.float64)
+    base = one if lr is None else one * lr
+    factor: Any = 1.0
+    for derivation in host._danlu_derivations:
+        factor = factor * derivation.lr_multiplier(group)
+    return base * (factor * group.get("d", 1.0))
+
+
+def _traced_average_weight(group: dict[str, Any], lr: Tensor) -> Tensor:
+    """Update the group's ``lr_max`` and ``weight_sum`` (0-dim float64 tensors) and return the step's weight of z in x."""
+    lr_max = torch.maximum(_as_tensor(group[LR_MAX]), lr)
+    weight = group[APPLIED_STEPS].to(torch.float64) ** group["average_power"] * lr_max ** group["weight_lr_power"]
+    weight_sum = _as_tensor(group[WEIGHT_SUM]) + weight
+    group[LR_MAX], group[WEIGHT_SUM] = lr_max, weight_sum
+    return torch.where(weight_sum > 0, weight / weight_sum, 0.0)
+
+
+def _as_tensor(value: Any) -> Tensor:
+    """A group counter as a 0-dim float64 tensor (a Python number in a state dict of an eager run)."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _as_float(lr: Any) -> float:
