@@ -664,3 +664,18 @@ def test_clipping_norm_overflow_under_compile_is_dropped_and_counted_as_in_eager
     assert eager[1:] == (1, 2)
     assert compiled[1:] == eager[1:]
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", [danlu.AdamW, torch.optim.AdamW], ids=["danlu", "torch"])
+def test_grad_norm_is_reported_by_the_compiled_step(base: type[torch.optim.Optimizer]) -> None:
+    """``opt.grad_norm`` after a compiled step is the norm of that step's gradients, as after an eager one."""
+    torch._dynamo.reset()
+    w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 12).reshape(3, 4))
+    opt = danlu.extend_with_gradient_clipping(base)([w], lr=1e-2, global_clipnorm=0.5)
+    step = torch.compile(opt.step, backend="eager")
+    assert opt.grad_norm is None
+    for call in range(3):
+        w.grad = torch.arange(12.0).reshape(3, 4) * (call + 1)
+        step()
+        assert opt.grad_norm is not None
+        assert torch.equal(opt.grad_norm, torch.linalg.vector_norm(w.grad))

@@ -50,6 +50,13 @@ class DerivationHost(torch.optim.Optimizer):
 
     _danlu_derivations: ClassVar[tuple[Derivation, ...]] = ()
     _danlu_overrides: dict[str, Any]
+    _danlu_reports: dict[str, Any]
+    """What derivations report for logging (``grad_norm``): a dict made at construction, because a
+    compiled step writes into a dict the optimizer already holds but drops attributes it sets."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_danlu_reports", {})
 
     # ---------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -341,6 +341,7 @@ def _derived_init(self: DerivationHost, params: Any, *args: Any, **kwargs: Any) 
         given = {key: kwargs.pop(key) for key in derivation.defaults if key in kwargs}
         overrides.update(derivation.validate(given))
     self._danlu_overrides = overrides
+    self._danlu_reports = {}
     cls._danlu_root.__init__(self, normalize_params(params), *args, **kwargs)  # type: ignore[attr-defined]
     for derivation in cls._danlu_derivations:
         for key, default in derivation.defaults.items():

@@ -74,7 +74,6 @@ class GradientClipping(Derivation):
     title = "GradientClipping"
     defaults = {"global_clipnorm": None, "clipnorm": None, "clipvalue": None}
     has_gradient_hook = True
-    methods = {"grad_norm": None}
     native = NoTensorWork()
     """Its factors reach the kernels through the step context's gradient scales: nothing else per tensor."""
 
@@ -110,7 +109,7 @@ class GradientClipping(Derivation):
         total = torch.linalg.vector_norm(stacked.sort().values)  # sorted: the same bits in any parameter order
         if not _is_compiling() and not bool(torch.isfinite(total)):
             return _nonfinite(host, total)
-        host.grad_norm = total  # type: ignore[attr-defined]
+        _report_norm(host, total)
         mode = _mode(pairs[0][0])
         if mode == "global_clipnorm":
             limit = pairs[0][0]["global_clipnorm"]
@@ -206,8 +205,17 @@ def _for_gradients(factor: Tensor, grads: list[Tensor]) -> Any:
     return factor
 
 
+def _report_norm(host: DerivationHost, total: Tensor) -> None:
+    host.__dict__.setdefault("_danlu_reports", {})["grad_norm"] = total
+
+
+def grad_norm(self: DerivationHost) -> Tensor | None:
+    """The global gradient norm before clipping of the last applied step (a 0-d tensor; ``None`` before the first)."""
+    return self.__dict__.get("_danlu_reports", {}).get("grad_norm")
+
+
 def _nonfinite(host: DerivationHost, total: Tensor) -> bool:
-    host.grad_norm = total  # type: ignore[attr-defined]
+    _report_norm(host, total)
     counter = next((d for d in host._danlu_derivations if hasattr(d, "count_skip")), None)
     if counter is not None:
         counter.count_skip(host)
@@ -223,3 +231,6 @@ def _nonfinite(host: DerivationHost, total: Tensor) -> bool:
 def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
+
+
+GradientClipping.methods = {"grad_norm": property(grad_norm)}
