@@ -64,11 +64,16 @@ constexpr int64_t PAR_MIN = 1 << 16;   // tensors at least this long are split a
 inline bool has(int mode, Mode m) { return (mode & I(m)) != 0; }
 inline bool small(double w) { return std::abs(w) < 0.5; }
 
+// ATen's lerp (exact at both ends) for a weight w fixed for a whole loop, with no branch per element:
+// its two formulas, self + w (end - self) for |w| < 0.5 and end - (end - self) (1 - w), are one,
+// base + (end - self) c, with the same bits (x - y is x + -y, and -y c is -(y c))
 template <typename T>
-inline T lerp(T self, T end, T w) {
-  // ATen's lerp: exact at both ends
-  return std::abs(w) < T(0.5) ? self + w * (end - self) : end - (end - self) * (T(1) - w);
-}
+struct Lerp {
+  bool small;
+  T c;
+  explicit Lerp(T w) : small(std::abs(w) < T(0.5)), c(small ? w : -(T(1) - w)) {}
+  inline T operator()(T self, T end) const { return (small ? self : end) + (end - self) * c; }
+};
 
 // lerp with the branch of ATen's formula chosen outside the loop (w is loop-invariant)
 template <bool SMALL, typename T>
@@ -166,7 +171,9 @@ struct Rmsprop {  // c: 0 alpha, 1 1-alpha, 2 eps, 3 -lr, 4 centered, 5 has mome
   static int variant(const double* c) { return (c[4] != 0 ? 1 : 0) + (c[5] != 0 ? 2 : 0); }
   struct K {
     T alpha, oma, eps, nl, mu;
-    explicit K(const double* c) : alpha(T(c[0])), oma(T(c[1])), eps(T(c[2])), nl(T(c[3])), mu(T(c[6])) {}
+    Lerp<T> to_avg;
+    explicit K(const double* c)
+        : alpha(T(c[0])), oma(T(c[1])), eps(T(c[2])), nl(T(c[3])), mu(T(c[6])), to_avg(T(c[1])) {}
   };
   template <int V, Stage S>
   static inline T step(const K& k, T g, T* s0, T* s1, T* s2, int64_t j) {
@@ -176,7 +183,7 @@ struct Rmsprop {  // c: 0 alpha, 1 1-alpha, 2 eps, 3 -lr, 4 centered, 5 has mome
     if constexpr (writes(S)) s0[j] = sq;
     T den;
     if constexpr (centered) {
-      const T ga = lerp(s2[j], g, k.oma);
+      const T ga = k.to_avg(s2[j], g);
       if constexpr (writes(S)) s2[j] = ga;
       den = std::sqrt(sq - ga * ga) + k.eps;
     } else {
@@ -369,7 +376,7 @@ void body(const double* c, int mode, void* const* slots, int64_t begin, int64_t 
     constexpr Stage S = P == Pass::APPLY ? Stage::RECOMPUTE : Stage::FULL;
     T* __restrict slow = at<T>(slots, Slot::SLOW, begin);
     T* __restrict ema = at<T>(slots, Slot::EMA, begin);
-    const T alpha = T(c[I(Col::SLOW_STEP)]), ew = T(c[I(Col::EMA_WEIGHT)]);
+    const Lerp<T> to_slow{T(c[I(Col::SLOW_STEP)])}, to_ema{T(c[I(Col::EMA_WEIGHT)])};
     const bool efirst = has(mode, Mode::EMA_FIRST);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -386,12 +393,12 @@ void body(const double* c, int mode, void* const* slots, int64_t begin, int64_t 
       const T pj = p[j];
       T pn = pj + (A * u + B * pj);
       if constexpr (SYNC) {
-        const T sl = lerp(slow[j], pn, alpha);
+        const T sl = to_slow(slow[j], pn);
         slow[j] = sl;
-        if constexpr (EMA) ema[j] = lerp(ema[j], efirst ? pn : sl, ew);
+        if constexpr (EMA) ema[j] = to_ema(ema[j], efirst ? pn : sl);
         pn = sl;
       } else if constexpr (EMA) {
-        ema[j] = lerp(ema[j], pn, ew);
+        ema[j] = to_ema(ema[j], pn);
       }
       p[j] = pn;
     }
@@ -538,19 +545,19 @@ template <typename T>
 inline void adafactor_write(const double* c, int mode, int64_t n, T* p, T* u, T* slow, T* ema) {
   const T A = T(c[I(Col::A)]), B = T(c[I(Col::B)]);
   for (int64_t j = 0; j < n; ++j) u[j] = p[j] + (A * u[j] + B * p[j]);
-  const T alpha = T(c[I(Col::SLOW_STEP)]), ew = T(c[I(Col::EMA_WEIGHT)]);
+  const Lerp<T> to_slow{T(c[I(Col::SLOW_STEP)])}, to_ema{T(c[I(Col::EMA_WEIGHT)])};
   const bool ema_on = has(mode, Mode::EMA), first = has(mode, Mode::EMA_FIRST);
   if (ema_on && first) {
-    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+    for (int64_t j = 0; j < n; ++j) ema[j] = to_ema(ema[j], u[j]);
   }
   if (has(mode, Mode::SYNC)) {
     for (int64_t j = 0; j < n; ++j) {
-      slow[j] = lerp(slow[j], u[j], alpha);
+      slow[j] = to_slow(slow[j], u[j]);
       u[j] = slow[j];
     }
   }
   if (ema_on && !first) {
-    for (int64_t j = 0; j < n; ++j) ema[j] = lerp(ema[j], u[j], ew);
+    for (int64_t j = 0; j < n; ++j) ema[j] = to_ema(ema[j], u[j]);
   }
   std::memcpy(p, u, sizeof(T) * n);
 }
