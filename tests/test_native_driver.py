@@ -318,18 +318,7 @@ def test_the_steady_path_takes_the_accumulated_means_and_notices_what_changed(mo
     def call(c: int, *, transposed: bool = False) -> tuple[int, list[bool]]:
         per_tensor.clear()
         steady.clear()
-        gen = torch.Generator().manual_seed(70 + c)
-        for p, q in zip(fast, ref):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if transposed and g.dim() == 2:
-                g = g.t().contiguous().t()  # same values, non-contiguous
-            p.grad, q.grad = g, g.clone()
-        a.step()
-        b.step()
-        for p, q in zip(fast, ref):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
-            for key in b.state[q]:
-                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-12)
+        _step_both(fast, ref, a, b, seed=70 + c, transposed=transposed)
         if c % 2:
             assert all(torch.count_nonzero(a.state[p]["accum.grad"]) == 0 for p in fast)
         return len(per_tensor), steady.copy()
@@ -357,19 +346,7 @@ def test_steady_path_notices_what_changed():
     fast, ref, a, b = _pair(danlu.AdamW, torch.float64, lr=0.01)
 
     def step(call: int, *, transposed: bool = False) -> None:
-        gen = torch.Generator().manual_seed(50 + call)
-        for p, q in zip(fast, ref):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if transposed and g.dim() == 2:
-                g = g.t().contiguous().t()  # same values, non-contiguous
-            p.grad, q.grad = g, g.clone()
-        a.step()
-        b.step()
-        for p, q in zip(fast, ref):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
-        for p, q in zip(fast, ref):
-            for key in b.state[q]:
-                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-12)
+        _step_both(fast, ref, a, b, seed=50 + call, transposed=transposed)
 
     for call in range(3):
         step(call)
@@ -386,3 +363,19 @@ def test_steady_path_notices_what_changed():
     step(6)
     a.param_groups[0]["lr"] = b.param_groups[0]["lr"] = 0.002
     step(7)
+
+
+def _step_both(fast: list[Any], ref: list[Any], a: Any, b: Any, *, seed: int, transposed: bool = False) -> None:
+    """One step of both optimizers on the same float64 gradients; parameters and state must agree."""
+    gen = torch.Generator().manual_seed(seed)
+    for p, q in zip(fast, ref):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if transposed and g.dim() == 2:
+            g = g.t().contiguous().t()  # same values, non-contiguous
+        p.grad, q.grad = g, g.clone()
+    a.step()
+    b.step()
+    for p, q in zip(fast, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+        for key in b.state[q]:
+            torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-12)
