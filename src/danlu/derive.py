@@ -428,6 +428,8 @@ def _extend(base: type, derivation: Derivation, name: str | None, module: str) -
     existing: tuple[Derivation, ...] = getattr(base, "_danlu_derivations", ())
     if any(type(d) is type(derivation) for d in existing):
         raise ValueError(f"{factory}: {base.__name__} already has the {derivation.name} derivation")
+    for inner in existing:
+        inner.check_outer(derivation)
     bases: tuple[type, ...] = (base,) if issubclass(base, DerivationHost) else (ForeignHost, base)
     namespace: dict[str, Any] = {
         "_danlu_derivations": existing + (derivation,),

@@ -129,6 +129,9 @@ class Derivation:
         """
         return {key: group[key] for key in self.name_options}
 
+    def check_outer(self, outer: Derivation) -> None:
+        """Called when ``outer`` is applied over a class that has this derivation: raise if that stack cannot work."""
+
     def check(self, host: DerivationHost) -> None:
         """Called on every ``step()`` before anything changes: raise if the call cannot be taken."""
 

@@ -70,7 +70,7 @@ class ScheduleFree(Derivation):
     parameter-sized tensors, float32 for 16-bit parameters; :math:`y` is the parameter itself. The
     base never sees them. Put Lookahead inside (``"adam+lookahead+schedule_free"``: it acts on
     :math:`z`); over Schedule-Free it would act on :math:`y`, which the next step overwrites, so
-    that stack is refused at its first step.
+    that stack is refused when its class is built.
 
     Keyword arguments: ``schedule_free_momentum=0.9`` (in [0, 1)), ``weight_lr_power=2.0`` and
     ``average_power=0.0`` (finite, >= 0).
@@ -114,17 +114,17 @@ class ScheduleFree(Derivation):
             checked[EVAL] = bool(options[EVAL])
         return checked
 
+    def check_outer(self, outer: Derivation) -> None:
+        if isinstance(outer, Lookahead):
+            raise ValueError(
+                "extend_with_lookahead over extend_with_schedule_free: Lookahead would act on y, which the next step "
+                "replaces; apply Lookahead inside Schedule-Free (create_optimizer('adam+lookahead+schedule_free'))"
+            )
+
     def check(self, host: DerivationHost) -> None:
         if any(group[EVAL] for group in host.param_groups):
             raise ScheduleFreeModeError(
                 "step() in eval mode: the parameters hold the averaged weights x; call optimizer.train() before training"
-            )
-        derivations = host._danlu_derivations
-        mine = next(i for i, d in enumerate(derivations) if d is self)
-        if any(isinstance(d, Lookahead) for d in derivations[mine + 1 :]):
-            raise ValueError(
-                "extend_with_lookahead over extend_with_schedule_free: Lookahead would act on y, which the next step "
-                "replaces; apply Lookahead inside Schedule-Free (create_optimizer('adam+lookahead+schedule_free'))"
             )
 
     def init_state(self, host: DerivationHost, group: dict[str, Any], params: list[Tensor]) -> None:
