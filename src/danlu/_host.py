@@ -20,6 +20,7 @@ every tensor it wrote (:class:`_Gate`), so that one graph serves every call.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -410,21 +411,13 @@ def _eager_call(host: DerivationHost) -> None:
 
 
 def _any_of(flags: list[Tensor]) -> Tensor:
-    result = flags[0]
-    for flag in flags[1:]:
-        result = result | flag
-    return result
+    return functools.reduce(operator.or_, flags)
 
 
 def _all_of(flags: list[Tensor | None]) -> Tensor | None:
     """The conjunction of the given 0-dim bool tensors, None for none (None entries are True)."""
     chosen = [f for f in flags if f is not None]
-    if not chosen:
-        return None
-    result = chosen[0]
-    for flag in chosen[1:]:
-        result = result & flag
-    return result
+    return functools.reduce(operator.and_, chosen) if chosen else None
 
 
 def _product(factors: list[Any]) -> Any:

@@ -54,9 +54,9 @@ __all__ = ["DanluOptimizer", "ParamsT"]
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 CHUNK_MIN_NUMEL = 1 << 20
+"""Updates are computed over chunks of at most max(largest tensor, this many) elements."""
 _COMPLEX = frozenset({torch.complex32, torch.complex64, torch.complex128})
 _DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
-"""Updates are computed over chunks of at most max(largest tensor, this many) elements."""
 
 
 class DanluOptimizer(DerivationHost):
